@@ -1,0 +1,159 @@
+"""Environments: Atari preprocessing, generic image envs, the vector env and episode bookkeeping.
+
+Atari follows SPEC.md: the ALE runs with frameskip 1 and sticky actions 0.25 (per frame), we
+repeat each action 4 times and max-pool the last two frames, resize to 64×64 RGB with
+INTER_AREA, start with up to 30 no-ops, cap episodes at 108,000 frames, never clip rewards and
+ignore lives. gymnasium ≥ 1.0 vector envs autoreset on the step AFTER an episode ends; the
+`Episodes` bookkeeping turns that into the stored-step convention (reward and flags arrive with
+the observation, the reset step is `is_first` with reward 0).
+"""
+import difflib
+import importlib
+import multiprocessing
+import signal
+
+import cv2
+import gymnasium as gym
+import numpy as np
+
+IMAGE_SIZE = 64
+
+
+def _registry_ids():
+    try:
+        import ale_py
+        gym.register_envs(ale_py)
+    except ImportError:  # pragma: no cover - ale-py is a hard requirement, but be clear
+        pass
+    return list(gym.registry.keys())
+
+
+def check_env_id(env_id):
+    """Raise ValueError with close matches when `env_id` is not a registered gymnasium id."""
+    ids = _registry_ids()
+    if ":" in env_id:
+        module, name = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"--env {env_id}: cannot import module '{module}' ({e})") from None
+        ids = list(gym.registry.keys())
+    else:
+        name = env_id
+    if name not in ids:
+        close = difflib.get_close_matches(name, ids, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; Atari ids look like ALE/Pong-v5"
+        raise ValueError(f"--env {env_id} is not a registered environment{hint}")
+
+
+def is_atari(env_id):
+    return env_id.split(":")[-1].startswith("ALE/")
+
+
+def resize(frame):
+    if frame.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        frame = cv2.resize(frame, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+    return frame
+
+
+class Atari(gym.Wrapper):
+    """Action repeat with max-pool over the last two frames, no-op starts and 64×64 RGB frames."""
+
+    def __init__(self, env, repeat=4, noops=30):
+        super().__init__(env)
+        self.repeat, self.noops = repeat, noops
+        self.observation_space = gym.spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(self.np_random.integers(0, self.noops + 1) if self.noops else 0):
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return resize(obs), info
+
+    def step(self, action):
+        total, frames = 0.0, []
+        for _ in range(self.repeat):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total += reward
+            frames.append(obs)
+            if terminated or truncated:
+                break
+        # Max over the last two frames removes the flicker of sprites drawn every other frame.
+        frame = np.maximum(frames[-1], frames[-2]) if len(frames) > 1 else frames[-1]
+        return resize(frame), total, terminated, truncated, info
+
+
+class ResizeImage(gym.ObservationWrapper):
+    """Generic RGB-image env → 64×64×3 uint8 frames (no Atari-specific processing)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        shape = env.observation_space.shape
+        if not (isinstance(env.observation_space, gym.spaces.Box) and len(shape) == 3
+                and shape[-1] == 3):
+            raise ValueError(f"observations must be RGB images (H, W, 3), got {env.observation_space}")
+        self.observation_space = gym.spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+
+    def observation(self, obs):
+        return resize(np.asarray(obs, dtype=np.uint8))
+
+
+def make_env(env_id, sticky=0.25, repeat=4, noops=30):
+    """Thunk that builds one preprocessed env (for the vector env's worker processes)."""
+
+    def thunk():
+        if multiprocessing.parent_process() is not None:
+            # Worker process: Ctrl-C is handled by the trainer, which closes the workers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _registry_ids()
+        if is_atari(env_id):
+            env = gym.make(env_id, frameskip=1, repeat_action_probability=sticky,
+                           full_action_space=False, max_num_frames_per_episode=108_000)
+            return Atari(env, repeat, noops)
+        env = ResizeImage(gym.make(env_id))
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            raise ValueError(f"{env_id}: actions must be discrete, got {env.action_space}")
+        return env
+
+    return thunk
+
+
+def make_vector_env(env_id, num_envs, sticky=0.25, asynchronous=True):
+    """gymnasium vector env with next-step autoreset (the gymnasium ≥ 1.0 default)."""
+    thunks = [make_env(env_id, sticky) for _ in range(num_envs)]
+    mode = gym.vector.AutoresetMode.NEXT_STEP
+    if asynchronous:
+        return gym.vector.AsyncVectorEnv(thunks, shared_memory=True, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
+
+
+class Episodes:
+    """Per-env flags and episode statistics in the stored-step convention.
+
+    After `step(obs, reward, terminated, truncated)` the attributes describe the step that
+    holds `obs`: `reward` and `is_terminal` arrived with it, `is_first` marks a reset
+    observation (the env ignored the action sent with it, its reward is 0), and `is_last`
+    marks the end of an episode (terminated or truncated). Truncation is last, never terminal.
+    """
+
+    def __init__(self, num_envs):
+        self.n = num_envs
+        self.reward = np.zeros(num_envs, np.float32)
+        self.is_first = np.ones(num_envs, bool)
+        self.is_last = np.zeros(num_envs, bool)
+        self.is_terminal = np.zeros(num_envs, bool)
+        self.returns = np.zeros(num_envs, np.float64)
+        self.lengths = np.zeros(num_envs, np.int64)
+
+    def step(self, reward, terminated, truncated):
+        """Advance the flags; returns [(env index, return, length)] of episodes that ended."""
+        self.is_first = self.is_last.copy()  # the step after a last step is the reset obs
+        self.reward = np.where(self.is_first, 0.0, reward).astype(np.float32)
+        self.is_terminal = np.asarray(terminated, bool) & ~self.is_first
+        self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
+        self.returns = np.where(self.is_first, 0.0, self.returns + self.reward)
+        self.lengths = np.where(self.is_first, 0, self.lengths + 1)
+        return [(i, float(self.returns[i]), int(self.lengths[i]))
+                for i in np.flatnonzero(self.is_last)]

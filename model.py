@@ -1,0 +1,611 @@
+"""DreamerV3 networks, distributions, losses and optimizer.
+
+Follows the official 2024 (v2) DreamerV3 code: block-GRU RSSM, RMSNorm + SiLU, symexp two-hot
+heads, 1% unimix, free bits, percentile return normalisation and LaProp with adaptive gradient
+clipping. The module only holds `nn.Module`s and pure functions; the training loop lives in
+train.py. Shapes are batch-first, time second: (B, T, ...).
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Elementary functions
+
+
+def symlog(x):
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x):
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def unimix(logits, mix):
+    """Log-probabilities of (1 - mix) * softmax(logits) + mix / K.
+
+    The uniform floor keeps every class reachable, so KL terms and log-probabilities stay
+    finite even when the network becomes confident (paper, section 'Robust predictions').
+    """
+    probs = torch.softmax(logits.float(), -1)
+    if mix > 0:
+        probs = (1 - mix) * probs + mix / logits.shape[-1]
+    return torch.log(probs)
+
+
+def sample_onehot(logprobs):
+    """One-hot sample with straight-through gradients: value of the sample, gradient of probs."""
+    probs = logprobs.exp()
+    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp(1e-20, 1.0)))
+    index = torch.argmax(logprobs + gumbel, -1)
+    onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return onehot + probs - probs.detach()
+
+
+def categorical_kl(logp, logq):
+    """KL(p || q) for categorical log-probabilities, summed over the last axis."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def categorical_entropy(logp):
+    return -(logp.exp() * logp).sum(-1)
+
+
+def lambda_return(reward, cont, boot, lam):
+    """TD(λ) returns, computed backwards.
+
+    reward, cont: (N, H) quantities of the NEXT state: r_{t+1} and c_{t+1} = p(continue)·γ.
+    boot: (N, H + 1) bootstrap values V_0 .. V_H. lam: float or (N, H) tensor (λ·(1 − is_last)
+    for replayed sequences, which cuts the recursion at an episode end).
+    R_H = V_H;  R_t = r_{t+1} + c_{t+1}·((1 − λ)·V_{t+1} + λ·R_{t+1}).  Returns R_0 .. R_{H−1}.
+    """
+    if not torch.is_tensor(lam):
+        lam = torch.full_like(reward, lam)
+    interm = reward + cont * (1 - lam) * boot[:, 1:]
+    ret = boot[:, -1]
+    rets = []
+    for t in reversed(range(reward.shape[1])):
+        ret = interm[:, t] + cont[:, t] * lam[:, t] * ret
+        rets.append(ret)
+    return torch.stack(rets[::-1], 1)
+
+
+class TwoHot(nn.Module):
+    """Discrete regression over 255 bins at symexp(linspace(−20, 20)) (the v2 form).
+
+    Targets are two-hot encoded by linear interpolation in raw space. The prediction sums the
+    weighted bins symmetrically around the middle (zero) bin, so that uniform probabilities,
+    i.e. zero-initialised logits, predict exactly 0.
+    """
+
+    def __init__(self, bins=255, low=-20.0, high=20.0):
+        super().__init__()
+        assert bins % 2 == 1
+        self.register_buffer("bins", symexp(torch.linspace(low, high, bins)), persistent=False)
+
+    def pred(self, logits):
+        probs = torch.softmax(logits.float(), -1)
+        weighted = probs * self.bins
+        m = (self.bins.shape[0] - 1) // 2
+        # Pair bin m−1−i with bin m+1+i before summing: for symmetric probs each pair is 0.
+        pairs = weighted[..., :m].flip(-1) + weighted[..., m + 1:]
+        return pairs.sum(-1) + weighted[..., m]
+
+    def encode(self, x):
+        """Two-hot target of shape x.shape + (bins,)."""
+        x = x.float()
+        bins = self.bins
+        above = torch.searchsorted(bins, x.contiguous(), right=True).clamp(1, len(bins) - 1)
+        below = above - 1
+        lo, hi = bins[below], bins[above]
+        w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
+        target = F.one_hot(below, len(bins)) * (1 - w_hi)[..., None]
+        return target + F.one_hot(above, len(bins)) * w_hi[..., None]
+
+    def loss(self, logits, x):
+        """Cross-entropy between the two-hot target of x and softmax(logits)."""
+        return -(self.encode(x) * torch.log_softmax(logits.float(), -1)).sum(-1)
+
+
+class Normalize(nn.Module):
+    """Return normalisation: EMA of the 5th and 95th percentiles of the λ-returns.
+
+    scale = max(limit, P95 − P5). The EMA is debiased as in the official code, so the first
+    update already gives the batch's own percentiles.
+    """
+
+    def __init__(self, rate=0.01, limit=1.0, lo=5.0, hi=95.0):
+        super().__init__()
+        self.rate, self.limit, self.qlo, self.qhi = rate, limit, lo / 100, hi / 100
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("corr", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.detach().float().flatten()
+        quant = torch.quantile(x, torch.tensor([self.qlo, self.qhi], device=x.device))
+        r = self.rate
+        self.lo.mul_(1 - r).add_(r * quant[0])
+        self.hi.mul_(1 - r).add_(r * quant[1])
+        self.corr.mul_(1 - r).add_(r)
+
+    def stats(self):
+        corr = torch.clamp(self.corr, min=self.rate)
+        lo, hi = self.lo / corr, self.hi / corr
+        return lo, torch.clamp(hi - lo, min=self.limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def init_trunc_normal_(weight, fan_in, scale=1.0):
+    """Truncated-normal fan-in init (std of the truncated draw = scale / sqrt(fan_in))."""
+    std = scale / math.sqrt(fan_in) / 0.87962566103423978
+    with torch.no_grad():
+        nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32 (eps 1e-4 as in the official code)."""
+
+    def __init__(self, dim, eps=1e-4):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.scale).to(dtype)
+
+
+class ChannelNorm(RMSNorm):
+    """RMSNorm over the channel axis of (N, C, H, W) maps."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Linear(nn.Linear):
+    def __init__(self, fan_in, fan_out, bias=True, scale=1.0):
+        super().__init__(fan_in, fan_out, bias=bias)
+        if scale == 0:
+            nn.init.zeros_(self.weight)
+        else:
+            init_trunc_normal_(self.weight, fan_in, scale)
+        if bias:
+            nn.init.zeros_(self.bias)
+
+
+class DenseBlock(nn.Sequential):
+    """Linear → RMSNorm → SiLU."""
+
+    def __init__(self, fan_in, fan_out):
+        super().__init__(Linear(fan_in, fan_out, bias=False), RMSNorm(fan_out), nn.SiLU())
+
+
+class MLP(nn.Sequential):
+    """`layers` dense blocks followed by an output Linear with init scale `outscale`."""
+
+    def __init__(self, fan_in, fan_out, units, layers, outscale=1.0):
+        blocks = [DenseBlock(fan_in if i == 0 else units, units) for i in range(layers)]
+        super().__init__(*blocks, Linear(units if layers else fan_in, fan_out, scale=outscale))
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear map: input (..., g·i) → output (..., g·o), g independent blocks.
+
+    One batched matmul for all blocks, no Python loop over them.
+    """
+
+    def __init__(self, fan_in, fan_out, blocks):
+        super().__init__()
+        assert fan_in % blocks == 0 and fan_out % blocks == 0, (fan_in, fan_out, blocks)
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(blocks, fan_in // blocks, fan_out // blocks))
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+        init_trunc_normal_(self.weight, fan_in // blocks)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # (g, N, i)
+        y = torch.bmm(x, self.weight).transpose(0, 1)  # (N, g, o)
+        return y.reshape(*lead, -1) + self.bias
+
+
+# ---------------------------------------------------------------------------------------------
+# World model
+
+
+class Encoder(nn.Module):
+    """64×64×3 uint8 frames → flat embedding. Four stride-2 convs down to 4×4."""
+
+    def __init__(self, depth, mults=(2, 3, 4, 4), image_size=64):
+        super().__init__()
+        layers, ch = [], 3
+        for mult in mults:
+            conv = nn.Conv2d(ch, depth * mult, 4, stride=2, padding=1, bias=False)
+            init_trunc_normal_(conv.weight, ch * 16)
+            layers += [conv, ChannelNorm(depth * mult), nn.SiLU()]
+            ch = depth * mult
+        self.net = nn.Sequential(*layers)
+        self.out_dim = ch * (image_size // 2 ** len(mults)) ** 2
+
+    def forward(self, obs):  # (..., 64, 64, 3) uint8 → (..., out_dim)
+        lead = obs.shape[:-3]
+        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2)
+        x = x.to(self.net[0].weight.dtype) / 255.0 - 0.5
+        return self.net(x).reshape(*lead, -1)
+
+
+class Decoder(nn.Module):
+    """Model state → 64×64×3 image in [0, 1] (sigmoid), mirroring the encoder."""
+
+    def __init__(self, feat_dim, depth, mults=(2, 3, 4, 4), image_size=64):
+        super().__init__()
+        chans = [depth * m for m in mults][::-1]  # e.g. (4d, 4d, 3d, 2d) from 4×4 upwards
+        self.start = (chans[0], image_size // 2 ** len(mults), image_size // 2 ** len(mults))
+        self.inp = nn.Sequential(Linear(feat_dim, math.prod(self.start), bias=False),
+                                 RMSNorm(math.prod(self.start)), nn.SiLU())
+        layers = []
+        outs = chans[1:] + [3]
+        for i, (cin, cout) in enumerate(zip(chans, outs)):
+            last = i == len(outs) - 1
+            conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=last)
+            init_trunc_normal_(conv.weight, cin * 4)
+            if last:
+                nn.init.zeros_(conv.bias)
+                layers.append(conv)
+            else:
+                layers += [conv, ChannelNorm(cout), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat):  # (..., feat) → (..., 64, 64, 3)
+        lead = feat.shape[:-1]
+        x = self.inp(feat.reshape(-1, feat.shape[-1])).reshape(-1, *self.start)
+        x = torch.sigmoid(self.net(x).float())
+        return x.permute(0, 2, 3, 1).reshape(*lead, *x.shape[2:], 3)
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model with a block GRU and 32 categorical latents.
+
+    State: deter (N, deter) and stoch (N, stoch·classes) one-hot. `img_step` predicts the prior,
+    `obs_step` also sees the embedding and gives the posterior.
+    """
+
+    def __init__(self, num_actions, embed_dim, deter, hidden, stoch=32, classes=32, blocks=8,
+                 unimix=0.01):
+        super().__init__()
+        self.deter, self.stoch, self.classes, self.blocks = deter, stoch, classes, blocks
+        self.num_actions, self.mix = num_actions, unimix
+        # deter, stoch and action are each embedded, then broadcast to every GRU block.
+        self.in_deter = DenseBlock(deter, hidden)
+        self.in_stoch = DenseBlock(stoch * classes, hidden)
+        self.in_action = DenseBlock(num_actions, hidden)
+        self.gru_hidden = BlockLinear(blocks * (deter // blocks + 3 * hidden), hidden, blocks)
+        self.gru_norm = RMSNorm(hidden)
+        self.gru_gates = BlockLinear(hidden, 3 * deter, blocks)
+        self.prior_net = MLP(deter, stoch * classes, hidden, layers=2)
+        self.post_net = MLP(deter + embed_dim, stoch * classes, hidden, layers=1)
+
+    @property
+    def feat_dim(self):
+        return self.deter + self.stoch * self.classes
+
+    def initial(self, n, device):
+        return (torch.zeros(n, self.deter, device=device),
+                torch.zeros(n, self.stoch * self.classes, device=device))
+
+    def _logprobs(self, logits):  # (..., stoch·classes) → (..., stoch, classes)
+        return unimix(logits.reshape(*logits.shape[:-1], self.stoch, self.classes), self.mix)
+
+    def _sample(self, logprobs):
+        return sample_onehot(logprobs).flatten(-2)
+
+    def prior(self, deter):
+        return self._logprobs(self.prior_net(deter))
+
+    def _core(self, deter, stoch, action):
+        g = self.blocks
+        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
+        x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, g, 3·hidden)
+        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
+        x = F.silu(self.gru_norm(self.gru_hidden(x)))
+        gates = self.gru_gates(x).reshape(*deter.shape[:-1], g, 3, -1)
+        reset = torch.sigmoid(gates[..., 0, :])
+        cand = torch.tanh(reset * gates[..., 1, :])
+        update = torch.sigmoid(gates[..., 2, :] - 1.0)  # bias −1: keep the old state at init
+        deter = deter.reshape(cand.shape)
+        return (update * cand + (1 - update) * deter).flatten(-2)
+
+    def img_step(self, deter, stoch, action):
+        """One step of the prior. action: one-hot (N, A). Returns deter, stoch, prior logprobs."""
+        deter = self._core(deter, stoch, action)
+        prior = self.prior(deter)
+        return deter, self._sample(prior), prior
+
+    def obs_step(self, deter, stoch, prev_action, embed, is_first):
+        """One step of the posterior. Where is_first, state and previous action restart at zero:
+        the first frame of an episode must not see the last state and action of the one before.
+        """
+        keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)
+        deter, stoch, prev_action = deter * keep, stoch * keep, prev_action * keep
+        deter = self._core(deter, stoch, prev_action)
+        post = self._logprobs(self.post_net(torch.cat([deter, embed], -1)))
+        return deter, self._sample(post), post
+
+    def observe(self, embed, prev_action, is_first, state=None):
+        """Posterior over a sequence. embed (B, T, E), prev_action (B, T, A) = a_{t−1},
+        is_first (B, T). Returns deter (B, T, D), stoch (B, T, S·C), post and prior logprobs
+        (B, T, S, C)."""
+        B, T = embed.shape[:2]
+        deter, stoch = state if state is not None else self.initial(B, embed.device)
+        deters, stochs, posts = [], [], []
+        for t in range(T):
+            deter, stoch, post = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t],
+                                               is_first[:, t])
+            deters.append(deter)
+            stochs.append(stoch)
+            posts.append(post)
+        deter = torch.stack(deters, 1)
+        # The prior depends on deter only, so it is computed once for all steps.
+        return deter, torch.stack(stochs, 1), torch.stack(posts, 1), self.prior(deter)
+
+    def imagine(self, deter, stoch, policy, horizon):
+        """Roll the prior forward from (N, ·) start states, acting with `policy(feat) → one-hot`.
+        Returns feats (N, H + 1, F) and one-hot actions (N, H + 1, A); action t was taken in
+        state t (the last one is never executed)."""
+        feats, actions = [], []
+        for t in range(horizon + 1):
+            feat = torch.cat([deter, stoch], -1)
+            action = policy(feat)
+            feats.append(feat)
+            actions.append(action)
+            if t < horizon:
+                deter, stoch, _ = self.img_step(deter, stoch, action)
+        return torch.stack(feats, 1), torch.stack(actions, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent
+
+
+class Dreamer(nn.Module):
+    """World model + actor + critic (+ slow critic and return normaliser), with the losses.
+
+    `loss(batch)` returns (total, metrics, state); train.py does the optimizer step.
+    """
+
+    loss_scales = dict(rec=1.0, rew=1.0, con=1.0, dyn=1.0, rep=0.1, policy=1.0, value=1.0,
+                       repval=0.3)
+
+    def __init__(self, num_actions, deter=4096, hidden=512, stoch=32, classes=32, depth=32,
+                 units=512, blocks=8, mlp_layers=3, head_layers=1, unimix=0.01, horizon=15,
+                 discount=0.997, lam=0.95, free_nats=1.0, actent=3e-4, slow_rate=0.02,
+                 slowreg=1.0, image_size=64):
+        super().__init__()
+        self.num_actions, self.horizon, self.discount, self.lam = num_actions, horizon, discount, lam
+        self.free_nats, self.actent, self.slow_rate, self.slowreg = free_nats, actent, slow_rate, slowreg
+        self.mix = unimix
+        self.encoder = Encoder(depth, image_size=image_size)
+        self.rssm = RSSM(num_actions, self.encoder.out_dim, deter, hidden, stoch, classes, blocks,
+                         unimix)
+        feat = self.rssm.feat_dim
+        self.decoder = Decoder(feat, depth, image_size=image_size)
+        self.reward_head = MLP(feat, 255, units, head_layers, outscale=0.0)
+        self.cont_head = MLP(feat, 1, units, head_layers)
+        self.actor = MLP(feat, num_actions, units, mlp_layers, outscale=0.01)
+        self.critic = MLP(feat, 255, units, mlp_layers, outscale=0.0)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.twohot = TwoHot()
+        self.retnorm = Normalize()
+
+    # Parameter groups so that --lr, --actor_lr and --critic_lr can differ.
+    def world_model_parameters(self):
+        for name in ("encoder", "rssm", "decoder", "reward_head", "cont_head"):
+            yield from getattr(self, name).parameters()
+
+    # -- acting ---------------------------------------------------------------------------------
+
+    def initial_state(self, n, device):
+        deter, stoch = self.rssm.initial(n, device)
+        return deter, stoch, torch.zeros(n, self.num_actions, device=device)
+
+    def policy_logprobs(self, feat):
+        return unimix(self.actor(feat), self.mix)
+
+    def sample_action(self, feat):
+        return sample_onehot(self.policy_logprobs(feat)).detach()
+
+    @torch.no_grad()
+    def act(self, obs, is_first, state, greedy=False):
+        """obs (N, 64, 64, 3) uint8, is_first (N,) → action indices (N,), new state."""
+        deter, stoch, prev_action = state
+        deter, stoch, _ = self.rssm.obs_step(deter, stoch, prev_action, self.encoder(obs), is_first)
+        logp = self.policy_logprobs(torch.cat([deter, stoch], -1))
+        action = logp.argmax(-1) if greedy else torch.distributions.Categorical(logits=logp).sample()
+        onehot = F.one_hot(action, self.num_actions).to(deter.dtype)
+        return action, (deter, stoch, onehot)
+
+    # -- losses ---------------------------------------------------------------------------------
+
+    def kl_losses(self, post, prior):
+        """dyn = KL(sg(post) ‖ prior), rep = KL(post ‖ sg(prior)); each summed over the latents,
+        then clipped below at `free_nats` (free bits) per (batch, time) element."""
+        dyn = categorical_kl(post.detach(), prior).sum(-1)
+        rep = categorical_kl(post, prior.detach()).sum(-1)
+        return dyn.clamp(min=self.free_nats), rep.clamp(min=self.free_nats)
+
+    def world_model_loss(self, obs, action, reward, is_first, is_terminal):
+        """Per-(B, T) losses of the world model and the posterior states."""
+        onehot = F.one_hot(action, self.num_actions).float()
+        # The RSSM consumes a_{t−1}: the action stored with o_t is the one chosen AT o_t.
+        prev_action = torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+        embed = self.encoder(obs)
+        deter, stoch, post, prior = self.rssm.observe(embed, prev_action, is_first)
+        feat = torch.cat([deter, stoch], -1)
+        recon = self.decoder(feat)
+        target = obs.float() / 255.0
+        losses = {}
+        losses["rec"] = (recon - target).pow(2).sum((-3, -2, -1))
+        losses["rew"] = self.twohot.loss(self.reward_head(feat), reward)
+        cont_logit = self.cont_head(feat).squeeze(-1).float()
+        losses["con"] = F.binary_cross_entropy_with_logits(
+            cont_logit, 1.0 - is_terminal.float(), reduction="none")
+        losses["dyn"], losses["rep"] = self.kl_losses(post, prior)
+        metrics = {
+            "wm/prior_entropy": categorical_entropy(prior).sum(-1).mean(),
+            "wm/post_entropy": categorical_entropy(post).sum(-1).mean(),
+        }
+        return losses, feat, metrics
+
+    def imagine(self, feat):
+        """Imagine `horizon` steps from every replayed posterior state (no gradients: the
+        actor-critic losses must not reach the world model)."""
+        deter, stoch = feat.detach().split([self.rssm.deter, feat.shape[-1] - self.rssm.deter], -1)
+        with torch.no_grad():
+            return self.rssm.imagine(deter.reshape(-1, deter.shape[-1]),
+                                     stoch.reshape(-1, stoch.shape[-1]), self.sample_action,
+                                     self.horizon)
+
+    def behavior_loss(self, feats, actions):
+        """Actor and critic losses on imagined trajectories feats (N, H+1, F)."""
+        with torch.no_grad():
+            reward = self.twohot.pred(self.reward_head(feats))
+            cont = torch.sigmoid(self.cont_head(feats).squeeze(-1).float()) * self.discount
+            slow = self.twohot.pred(self.slow_critic(feats))
+            # Weight of state t: probability of reaching it, cumprod(γ·c)/γ (includes the start).
+            weight = torch.cumprod(cont, 1) / self.discount
+        value_logits = self.critic(feats)
+        value = self.twohot.pred(value_logits)
+        ret = lambda_return(reward[:, 1:], cont[:, 1:], value.detach(), self.lam)  # (N, H)
+        self.retnorm.update(ret)
+        _, scale = self.retnorm.stats()
+        adv = (ret - value[:, :-1].detach()) / scale
+        logp = self.policy_logprobs(feats)  # (N, H+1, A)
+        logpi = (logp * actions).sum(-1)[:, :-1]
+        entropy = categorical_entropy(logp)[:, :-1]
+        w = weight[:, :-1]
+        losses = {
+            "policy": w * -(logpi * adv.detach() + self.actent * entropy),
+            "value": w * (self.twohot.loss(value_logits[:, :-1], ret.detach())
+                          + self.slowreg * self.twohot.loss(value_logits[:, :-1], slow[:, :-1])),
+        }
+        metrics = {
+            "actor/entropy": entropy.mean(),
+            "actor/return_scale": scale,
+            "actor/imag_return": ret.mean(),
+            "actor/imag_reward": reward[:, 1:].mean(),
+            "actor/value": value.mean(),
+            "actor/advantage": adv.mean(),
+        }
+        return losses, ret, metrics
+
+    def replay_value_loss(self, feat, reward, is_last, is_terminal, boot):
+        """Critic loss on the replayed sequence, bootstrapped from the imagination returns.
+        Gradients flow into the world model through feat (B, T, F)."""
+        value_logits = self.critic(feat)
+        with torch.no_grad():
+            value = self.twohot.pred(value_logits)
+            slow = self.twohot.pred(self.slow_critic(feat))
+            live = (1.0 - is_terminal.float()) * self.discount
+            lam = self.lam * (1.0 - is_last.float())
+            ret = lambda_return(reward[:, 1:], live[:, 1:], boot, lam[:, 1:])
+            weight = 1.0 - is_last.float()[:, :-1]
+        loss = self.twohot.loss(value_logits[:, :-1], ret) + \
+            self.slowreg * self.twohot.loss(value_logits[:, :-1], slow[:, :-1])
+        return weight * loss, {"critic/replay_return": ret.mean(), "critic/replay_value": value.mean()}
+
+    def loss(self, obs, action, reward, is_first, is_last, is_terminal):
+        """All losses of one update. Batch tensors are (B, T, ...). Returns the scaled total and
+        the metrics dict (detached scalars)."""
+        B, T = action.shape
+        losses, feat, metrics = self.world_model_loss(obs, action, reward, is_first, is_terminal)
+        feats, actions = self.imagine(feat)
+        beh, ret, beh_metrics = self.behavior_loss(feats, actions)
+        losses.update(beh)
+        boot = ret[:, 0].reshape(B, T).detach()
+        losses["repval"], rv_metrics = self.replay_value_loss(feat, reward, is_last, is_terminal,
+                                                              boot)
+        total = sum(self.loss_scales[k] * v.mean() for k, v in losses.items())
+        metrics.update(beh_metrics)
+        metrics.update(rv_metrics)
+        metrics.update({f"loss/{k}": v.mean() for k, v in losses.items()})
+        metrics["loss/total"] = total
+        return total, {k: v.detach() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def update_slow_critic(self):
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.lerp_(fast, self.slow_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+class LaProp(torch.optim.Optimizer):
+    """LaProp with adaptive gradient clipping, as in the official v2 optimizer chain:
+
+    1. AGC per tensor: g ← g · min(1, clip · max(pmin, ‖θ‖) / ‖g‖)
+    2. RMS scaling:    ν ← β2·ν + (1−β2)·g²;  u = g / (sqrt(ν / (1−β2^t)) + eps)
+    3. Momentum:       μ ← β1·μ + (1−β1)·u;   θ ← θ − lr_t · μ / (1−β1^t)
+    lr_t ramps linearly from 0 to lr over `warmup` updates.
+    """
+
+    def __init__(self, params, lr=4e-5, betas=(0.9, 0.999), eps=1e-20, agc=0.3, pmin=1e-3,
+                 warmup=1000):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, agc=agc, pmin=pmin,
+                                      warmup=warmup))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["nu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                g = p.grad
+                if group["agc"]:
+                    upper = group["agc"] * torch.clamp(torch.linalg.vector_norm(p), min=group["pmin"])
+                    g = g / torch.clamp(torch.linalg.vector_norm(g) / upper, min=1.0)
+                nu, mu = state["nu"], state["mu"]
+                nu.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                u = g / ((nu / (1 - beta2 ** t)).sqrt() + group["eps"])
+                mu.mul_(beta1).add_(u, alpha=1 - beta1)
+                lr = group["lr"] * min(1.0, t / group["warmup"]) if group["warmup"] else group["lr"]
+                p.add_(mu, alpha=-lr / (1 - beta1 ** t))
+
+
+@torch.no_grad()
+def openloop(agent, obs, action, is_first, context=5):
+    """Reconstructions of a replayed batch and open-loop predictions after `context` frames.
+
+    obs (N, T, 64, 64, 3) uint8, action (N, T), is_first (N, T). Returns recon (N, T, 64, 64, 3)
+    from the posterior and imagined frames (N, T − context, 64, 64, 3) from the prior driven by
+    the replayed actions, both in [0, 1].
+    """
+    onehot = F.one_hot(action, agent.num_actions).float()
+    prev_action = torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+    deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first)
+    recon = agent.decoder(torch.cat([deter, stoch], -1))
+    d, s = deter[:, context - 1], stoch[:, context - 1]
+    feats = []
+    for t in range(context, obs.shape[1]):
+        d, s, _ = agent.rssm.img_step(d, s, prev_action[:, t])
+        feats.append(torch.cat([d, s], -1))
+    return recon, agent.decoder(torch.stack(feats, 1))

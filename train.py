@@ -1,0 +1,484 @@
+"""Train DreamerV3 on an Atari game (or any gymnasium env with RGB images and discrete actions).
+
+    python train.py --env ALE/Pong-v5
+
+The loop: collect one step in every env → store it in the replay → run as many updates as the
+train ratio asks (world model, imagination, actor-critic in one optimizer step) → log →
+checkpoint. See README.md for the flags and SPEC.md for the algorithm.
+"""
+import argparse
+import dataclasses
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SIZES = {  # --model_size presets (stoch is always 32 latents)
+    "tiny": dict(deter=128, hidden=64, classes=8, depth=8, units=64),
+    "12m": dict(deter=2048, hidden=256, classes=16, depth=16, units=256),
+    "25m": dict(deter=3072, hidden=384, classes=24, depth=24, units=384),
+    "50m": dict(deter=4096, hidden=512, classes=32, depth=32, units=512),
+    "100m": dict(deter=6144, hidden=768, classes=48, depth=48, units=768),
+    "200m": dict(deter=8192, hidden=1024, classes=64, depth=64, units=1024),
+}
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    env: str = arg("", "gymnasium id, e.g. ALE/Pong-v5 (any ALE game; also module:EnvId ids)")
+    num_envs: int = arg(16, "number of parallel environments (AsyncVectorEnv workers)")
+    total_steps: int = arg(1_000_000, "agent steps to train for (env steps after action repeat, summed over envs)")
+    capacity: int = arg(1_000_000, "replay capacity in steps (about 12.3 KB each), split over the envs")
+    sequence_length: int = arg(64, "length T of the replayed training sequences")
+    batch_size: int = arg(16, "number B of replayed sequences per update")
+    imagination_horizon: int = arg(15, "imagined steps from every replayed state")
+    lr: float = arg(4e-5, "world model learning rate")
+    actor_lr: float = arg(4e-5, "actor learning rate")
+    critic_lr: float = arg(4e-5, "critic learning rate")
+    discount: float = arg(0.997, "discount factor gamma (horizon 333)")
+    lam: float = arg(0.95, "lambda of the lambda-returns")
+    train_ratio: float = arg(32.0, "replayed steps per agent step (updates per agent step = ratio / (B*T))")
+    model_size: str = arg("50m", "model preset: " + ", ".join(SIZES))
+    learning_starts: int = arg(1024, "agent steps collected before the first update")
+    sticky_actions: float = arg(0.25, "ALE repeat_action_probability (0.25 as in ALE v5)")
+    atari100k: bool = arg(False, "Atari100k preset: 1 env, no sticky actions, 100k steps, train ratio 256")
+    video_interval: int = arg(100, "write an mp4 of every N-th episode of env 0 (0: never)")
+    image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
+    log_interval: int = arg(1000, "agent steps between logged training scalars")
+    checkpoint_interval: int = arg(50_000, "agent steps between checkpoints (also written at the end and on Ctrl-C)")
+    run_dir: str = arg("", "where checkpoint.pt, metrics.jsonl, videos and images go (default runs/<game>-<time>, or the checkpoint's folder on resume)")
+    wandb_key: str = arg("", "file holding a wandb API key; with it the run logs online")
+    wandb_mode: str = arg("offline", "wandb mode without a key: offline (local files) or disabled; online needs --wandb_key")
+    wandb_project: str = arg("dreamerv3-atari", "wandb project name")
+    resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id)")
+    resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto (cuda if available), cuda, cuda:N or cpu")
+    precision: str = arg("fp32", "fp32, or bf16 autocast (CUDA only)")
+    compile: bool = arg(False, "torch.compile the loss (slow start, faster updates on GPU)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="DreamerV3 for Atari")
+    for f in dataclasses.fields(Config):
+        help = f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(f"--{f.name}", action="store_true", help=help)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                                required=f.name == "env", help=help)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg):
+    """Raise ValueError with one line for values that cannot work, before anything starts."""
+    from env import check_env_id
+
+    positive = ["num_envs", "total_steps", "capacity", "sequence_length", "batch_size",
+                "imagination_horizon", "train_ratio"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["lr", "actor_lr", "critic_lr"]:
+        if not 0 < getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be in (0, 1), got {getattr(cfg, name)}")
+    for name in ["discount", "lam"]:
+        if not 0 < getattr(cfg, name) <= 1:
+            raise ValueError(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
+    for name in ["video_interval", "image_interval", "log_interval", "checkpoint_interval",
+                 "learning_starts"]:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.sticky_actions <= 1:
+        raise ValueError(f"--sticky_actions must be in [0, 1], got {cfg.sticky_actions}")
+    if cfg.model_size not in SIZES:
+        raise ValueError(f"--model_size must be one of {', '.join(SIZES)}, got {cfg.model_size}")
+    if cfg.wandb_mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"--wandb_mode must be online, offline or disabled, got {cfg.wandb_mode}")
+    if cfg.wandb_mode == "online" and not cfg.wandb_key:
+        raise ValueError("--wandb_mode online needs --wandb_key FILE")
+    if cfg.wandb_key and not os.path.isfile(cfg.wandb_key):
+        raise ValueError(f"--wandb_key {cfg.wandb_key}: no such file")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be fp32 or bf16, got {cfg.precision}")
+    if cfg.capacity // cfg.num_envs < cfg.sequence_length:
+        raise ValueError(f"--capacity {cfg.capacity} gives {cfg.capacity // cfg.num_envs} steps per env, "
+                         f"fewer than --sequence_length {cfg.sequence_length}")
+    if not cfg.env:
+        raise ValueError("--env is required, e.g. --env ALE/Pong-v5")
+    check_env_id(cfg.env)
+
+
+def apply_presets(cfg):
+    if cfg.atari100k:
+        cfg.num_envs, cfg.sticky_actions, cfg.total_steps, cfg.train_ratio = 1, 0.0, 100_000, 256.0
+    return cfg
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("warning: CUDA not available, training on CPU (slow)", file=sys.stderr)
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay
+
+
+def available_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class Replay:
+    """One preallocated uint8 ring per environment; uniform sampling of fixed-length windows.
+
+    A window may span an episode boundary (is_first inside it resets the RSSM); its first step
+    is always marked is_first, because the model starts every window from the zero state.
+    """
+
+    FIELDS = dict(action=np.int64, reward=np.float32, is_first=bool, is_last=bool, is_terminal=bool)
+
+    def __init__(self, capacity, num_envs, obs_shape=(64, 64, 3), seed=0):
+        self.num_envs, self.length = num_envs, capacity // num_envs
+        step_bytes = int(np.prod(obs_shape)) + sum(np.dtype(t).itemsize for t in self.FIELDS.values())
+        need, avail = self.length * num_envs * step_bytes, available_memory()
+        if avail is not None and need > avail:
+            raise ValueError(f"--capacity {capacity} needs {need / 2**30:.1f} GiB of replay but only "
+                             f"{avail / 2**30:.1f} GiB is available; lower --capacity")
+        self.obs = np.zeros((num_envs, self.length, *obs_shape), np.uint8)
+        self.data = {k: np.zeros((num_envs, self.length), t) for k, t in self.FIELDS.items()}
+        self.pos = 0  # next write index (all env rings advance together)
+        self.filled = 0
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return self.filled * self.num_envs
+
+    @property
+    def bytes_per_step(self):
+        total = self.obs.nbytes + sum(v.nbytes for v in self.data.values())
+        return total / (self.num_envs * self.length)
+
+    def add(self, obs, **step):
+        """Store one step of every env: obs (E, 64, 64, 3) and per-env fields of shape (E,)."""
+        self.obs[:, self.pos] = obs
+        for k, v in step.items():
+            self.data[k][:, self.pos] = v
+        self.pos = (self.pos + 1) % self.length
+        self.filled = min(self.filled + 1, self.length)
+
+    def can_sample(self, seq_len):
+        return self.filled >= seq_len
+
+    def sample(self, batch, seq_len):
+        """Dict of numpy arrays (batch, seq_len, ...)."""
+        env = self.rng.integers(0, self.num_envs, batch)
+        # Chronological offset of each window within the ring, oldest data first.
+        offset = self.rng.integers(0, self.filled - seq_len + 1, batch)
+        oldest = self.pos if self.filled == self.length else 0
+        index = (oldest + offset[:, None] + np.arange(seq_len)) % self.length  # (B, T)
+        out = {"obs": self.obs[env[:, None], index]}
+        for k, v in self.data.items():
+            out[k] = v[env[:, None], index]
+        out["is_first"][:, 0] = True
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class Trainer:
+    """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
+
+    def __init__(self, cfg, checkpoint=None):
+        from env import Episodes, make_vector_env
+        from model import Dreamer, LaProp
+        from utils import Logger
+
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=cfg.precision == "bf16" and self.device.type == "cuda")
+        seed_everything(cfg.seed)
+        self.replay = Replay(cfg.capacity, cfg.num_envs, seed=cfg.seed)
+        self.envs = make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions)
+        self.num_actions = int(self.envs.single_action_space.n)
+        self.agent = Dreamer(self.num_actions, discount=cfg.discount, lam=cfg.lam,
+                             horizon=cfg.imagination_horizon, **SIZES[cfg.model_size]).to(self.device)
+        wm = list(self.agent.world_model_parameters())
+        self.opt = LaProp([dict(params=wm, lr=cfg.lr),
+                           dict(params=self.agent.actor.parameters(), lr=cfg.actor_lr),
+                           dict(params=self.agent.critic.parameters(), lr=cfg.critic_lr)])
+        self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
+        self.counters = dict(env_steps=0, updates=0, episodes=0, train_acc=0.0, best_return=None)
+        run_id = cfg.resume_wandb_id or None
+        if checkpoint is not None:
+            self.agent.load_state_dict(checkpoint["agent"])
+            self.opt.load_state_dict(checkpoint["optimizer"])
+            self.counters.update(checkpoint["counters"])
+            restore_rng(checkpoint.get("rng"))
+            run_id = run_id or checkpoint.get("wandb_id")
+        self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode, cfg.wandb_key,
+                             run_id, cfg.wandb_project)
+        self.episodes = Episodes(cfg.num_envs)
+        self.obs, _ = self.envs.reset(seed=cfg.seed + 1000 * self.counters["updates"])
+        self.state = self.agent.initial_state(cfg.num_envs, self.device)
+        self.recent_returns = []
+        self.train_metrics = {}
+        self.video_frames = None
+        self.env0_episodes = 0
+        self.replay_steps = 0  # steps stored since this process started (replay is not saved)
+        self.last_log = self.counters["env_steps"]
+        self.last_ckpt = self.counters["env_steps"]
+        self.timer = (time.time(), self.counters["env_steps"], self.counters["updates"])
+
+    # -- steps of the loop ----------------------------------------------------------------------
+
+    def collect(self):
+        """Act in every env once and store the step; returns finished episodes."""
+        ep = self.episodes
+        obs_t = torch.as_tensor(self.obs, device=self.device)
+        first_t = torch.as_tensor(ep.is_first, device=self.device)
+        action, self.state = self.agent.act(obs_t, first_t, self.state)
+        action = action.cpu().numpy()
+        self.replay.add(self.obs, action=action, reward=ep.reward, is_first=ep.is_first,
+                        is_last=ep.is_last, is_terminal=ep.is_terminal)
+        self.record_video_frame()
+        self.obs, reward, terminated, truncated, _ = self.envs.step(action)
+        finished = ep.step(reward, terminated, truncated)
+        self.counters["env_steps"] += self.cfg.num_envs
+        self.replay_steps += self.cfg.num_envs
+        return finished
+
+    def train_updates(self):
+        cfg = self.cfg
+        if self.replay_steps < cfg.learning_starts or not self.replay.can_sample(cfg.sequence_length):
+            return
+        self.counters["train_acc"] += cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.sequence_length)
+        while self.counters["train_acc"] >= 1:
+            self.counters["train_acc"] -= 1
+            batch = self.replay.sample(cfg.batch_size, cfg.sequence_length)
+            metrics = self.update(batch)
+            for k, v in metrics.items():
+                self.train_metrics.setdefault(k, []).append(v)
+            if cfg.image_interval and self.counters["updates"] % cfg.image_interval == 0:
+                self.log_images(batch)
+
+    def to_tensors(self, batch):
+        return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+
+    def update(self, batch):
+        """One optimizer step on all losses (world model, actor, critic, replay value)."""
+        b = self.to_tensors(batch)
+        self.agent.train()
+        with self.autocast:
+            total, metrics = self.loss_fn(b["obs"], b["action"], b["reward"], b["is_first"],
+                                          b["is_last"], b["is_terminal"])
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        metrics["opt/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), float("inf"))
+        self.opt.step()
+        self.agent.update_slow_critic()
+        self.counters["updates"] += 1
+        return metrics
+
+    def record_video_frame(self):
+        if self.episodes.is_first[0] and self.cfg.video_interval:
+            record = self.env0_episodes % self.cfg.video_interval == 0
+            self.video_frames = [] if record else None
+        if self.video_frames is not None and len(self.video_frames) < 20_000:
+            self.video_frames.append(self.obs[0].copy())
+
+    def log_episodes(self, finished):
+        from utils import write_video
+
+        step = self.counters["env_steps"]
+        for env_index, ret, length in finished:
+            self.counters["episodes"] += 1
+            best = self.counters["best_return"]
+            self.counters["best_return"] = ret if best is None else max(best, ret)
+            self.recent_returns = (self.recent_returns + [ret])[-100:]
+            self.logger.scalars(step, {"episode/return": ret, "episode/length": length,
+                                       "episode/best_return": self.counters["best_return"],
+                                       "episode/count": self.counters["episodes"]})
+            if env_index == 0:
+                if self.video_frames:
+                    path = os.path.join(self.cfg.run_dir, "videos",
+                                        f"episode_{self.env0_episodes:06d}_step_{step}.mp4")
+                    self.logger.video(step, "episode/video", write_video(path, self.video_frames))
+                self.video_frames = None
+                self.env0_episodes += 1
+
+    def log_train(self):
+        step, (t0, s0, u0) = self.counters["env_steps"], self.timer
+        now = time.time()
+        metrics = {k: float(torch.stack(v).float().mean()) for k, v in self.train_metrics.items()}
+        metrics["fps/env"] = (step - s0) / max(now - t0, 1e-9)
+        metrics["fps/updates"] = (self.counters["updates"] - u0) / max(now - t0, 1e-9)
+        metrics["replay/size"] = len(self.replay)
+        metrics["train/updates"] = self.counters["updates"]
+        if self.recent_returns:
+            metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
+        self.logger.scalars(step, metrics)
+        self.train_metrics, self.timer, self.last_log = {}, (now, step, self.counters["updates"]), step
+        return metrics
+
+    def log_images(self, batch):
+        from model import openloop
+        from utils import panels, write_image
+
+        n, context = min(4, self.cfg.batch_size), min(5, self.cfg.sequence_length - 1)
+        b = self.to_tensors({k: v[:n] for k, v in batch.items()})
+        recon, imagined = openloop(self.agent, b["obs"], b["action"], b["is_first"], context)
+        truth = b["obs"].float().cpu().numpy() / 255.0
+        rec_img, ol_img = panels(truth, recon.float().cpu().numpy(), imagined.float().cpu().numpy(),
+                                 context)
+        step = self.counters["env_steps"]
+        for name, image in (("reconstruction", rec_img), ("openloop", ol_img)):
+            path = os.path.join(self.cfg.run_dir, "images", f"{name}_{step:09d}.png")
+            self.logger.image(step, f"images/{name}", write_image(path, image))
+
+    def save(self):
+        from utils import save_checkpoint
+
+        save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
+            "agent": self.agent.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "counters": dict(self.counters),
+            "config": dataclasses.asdict(self.cfg),
+            "rng": rng_state(),
+            "wandb_id": self.logger.run_id,
+            "num_actions": self.num_actions,
+        })
+        self.last_ckpt = self.counters["env_steps"]
+
+    def close(self):
+        self.envs.close()
+        self.logger.close()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state):
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Turns SIGINT / SIGTERM into a flag so the loop can write its checkpoint and exit."""
+
+    def __init__(self):
+        self.stop = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"\n{signal.Signals(signum).name}: saving checkpoint and stopping", file=sys.stderr)
+
+
+def train(trainer):
+    """The loop: collect → update → log → checkpoint, until total_steps or a stop signal."""
+    from tqdm import tqdm
+
+    cfg = trainer.cfg
+    flag = StopFlag()
+    c = trainer.counters
+    bar = tqdm(total=cfg.total_steps, initial=min(c["env_steps"], cfg.total_steps), unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        while c["env_steps"] < cfg.total_steps and not flag.stop:
+            finished = trainer.collect()
+            trainer.train_updates()
+            trainer.log_episodes(finished)
+            bar.update(cfg.num_envs)
+            if c["env_steps"] - trainer.last_log >= cfg.log_interval:
+                metrics = trainer.log_train()
+                last = trainer.recent_returns[-1] if trainer.recent_returns else float("nan")
+                bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
+                                ret=f"{last:.1f}", best=f"{c['best_return'] or float('nan'):.1f}")
+            if cfg.checkpoint_interval and c["env_steps"] - trainer.last_ckpt >= cfg.checkpoint_interval:
+                trainer.save()
+    finally:
+        bar.close()
+        trainer.save()
+        trainer.close()
+    print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
+          f"checkpoint in {os.path.join(cfg.run_dir, 'checkpoint.pt')}")
+    return trainer
+
+
+def prepare(cfg):
+    """Validate the config, load the checkpoint to resume from and fix the run directory."""
+    from utils import load_checkpoint
+
+    apply_presets(cfg)
+    check_config(cfg)
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume)
+        saved = checkpoint["config"]
+        for key in ("env", "model_size"):
+            if saved.get(key) != getattr(cfg, key):
+                raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
+                                 f"this run asks for {getattr(cfg, key)}")
+        cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
+    if not cfg.run_dir:
+        game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
+        cfg.run_dir = os.path.join("runs", f"{game}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    return checkpoint
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        trainer = Trainer(cfg, prepare(cfg))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    train(trainer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O."""
+import json
+import os
+import sys
+import time
+import warnings
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, payload):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint dict, or raise ValueError with one line saying what is wrong."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
+    missing = {"agent", "optimizer", "counters", "config"} - set(payload if isinstance(payload, dict) else ())
+    if missing:
+        raise ValueError(f"--resume {path}: not a checkpoint of this program (missing {sorted(missing)})")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and videos
+
+
+def write_video(path, frames, fps=15, upscale=2):
+    """frames (T, H, W, 3) uint8 → mp4 (nearest-neighbour upscaled for viewing)."""
+    frames = np.asarray(frames)
+    if upscale > 1:
+        frames = frames.repeat(upscale, 1).repeat(upscale, 2)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+    return path
+
+
+def write_image(path, image):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    imageio.imwrite(path, image)
+    return path
+
+
+def image_grid(rows):
+    """rows: list of (T, H, W, 3) float arrays in [0, 1] → one uint8 image, rows stacked."""
+    rows = [np.concatenate(list(r), 1) for r in rows]  # each (H, T·W, 3)
+    return (np.clip(np.concatenate(rows, 0), 0, 1) * 255).astype(np.uint8)
+
+
+def panels(truth, recon, openloop, context):
+    """Two images from arrays (N, T, H, W, 3) in [0, 1]:
+    - reconstruction: per sample a row of originals and a row of posterior reconstructions;
+    - open-loop: per sample truth, model (reconstruction for the first `context` frames, then
+      imagined frames from the replayed actions) and the absolute error.
+    """
+    rec_rows, ol_rows = [], []
+    for x, r, o in zip(truth, recon, openloop):
+        rec_rows += [x, r]
+        model = np.concatenate([r[:context], o], 0)
+        ol_rows += [x, model, np.abs(model - x)]
+    return image_grid(rec_rows), image_grid(ol_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """Writes every scalar to <run_dir>/metrics.jsonl and, when available, to wandb.
+
+    wandb never stops training: a failing init or log falls back to local files only.
+    """
+
+    def __init__(self, run_dir, config, mode="offline", key_file=None, run_id=None,
+                 project="dreamerv3-atari"):
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.wandb = None
+        self.run_id = run_id
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+            if key_file:
+                with open(key_file) as f:
+                    os.environ["WANDB_API_KEY"] = f.read().strip()
+                mode = "online"
+            else:
+                mode = "offline" if mode == "online" else mode
+            settings = wandb.Settings(init_timeout=60, silent=True, console="off")
+            kwargs = dict(project=project, config=config, dir=run_dir, mode=mode, id=run_id,
+                          resume="allow", settings=settings)
+            try:
+                self.wandb = wandb.init(**kwargs)
+            except Exception as e:
+                if mode != "online":
+                    raise
+                warn(f"wandb online init failed ({type(e).__name__}); logging offline instead")
+                self.wandb = wandb.init(**{**kwargs, "mode": "offline"})
+            self.run_id = self.wandb.id
+        except Exception as e:
+            warn(f"wandb unavailable ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+            self.wandb = None
+
+    def scalars(self, step, metrics):
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **metrics}) + "\n")
+        self._wandb_log(metrics, step)
+
+    def video(self, step, name, path):
+        if self.wandb is not None:
+            import wandb
+            self._wandb_log({name: wandb.Video(path, format="mp4")}, step)
+
+    def image(self, step, name, path):
+        if self.wandb is not None:
+            import wandb
+            self._wandb_log({name: wandb.Image(path)}, step)
+
+    def _wandb_log(self, data, step):
+        if self.wandb is None:
+            return
+        try:
+            self.wandb.log(data, step=int(step))
+        except Exception as e:
+            warn(f"wandb log failed ({type(e).__name__}); continuing with metrics.jsonl only")
+            self.wandb = None
+
+    def close(self):
+        self.file.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:
+                pass
