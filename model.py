@@ -83,8 +83,10 @@ class TwoHot(nn.Module):
 
     def __init__(self, bins=255, low=-20.0, high=20.0):
         super().__init__()
-        assert bins % 2 == 1
-        self.register_buffer("bins", symexp(torch.linspace(low, high, bins)), persistent=False)
+        assert bins % 2 == 1 and low == -high
+        # Built from one half so that the bins are exactly symmetric and the middle one is 0.
+        half = symexp(torch.linspace(0.0, high, bins // 2 + 1, dtype=torch.float64))
+        self.register_buffer("bins", torch.cat([-half[1:].flip(0), half]).float(), persistent=False)
 
     def pred(self, logits):
         probs = torch.softmax(logits.float(), -1)

@@ -7,6 +7,7 @@ train ratio asks (world model, imagination, actor-critic in one optimizer step) 
 checkpoint. See README.md for the flags and SPEC.md for the algorithm.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
@@ -44,6 +45,7 @@ class Config:
     lr: float = arg(4e-5, "world model learning rate")
     actor_lr: float = arg(4e-5, "actor learning rate")
     critic_lr: float = arg(4e-5, "critic learning rate")
+    warmup: int = arg(1000, "updates of linear learning-rate warm-up")
     discount: float = arg(0.997, "discount factor gamma (horizon 333)")
     lam: float = arg(0.95, "lambda of the lambda-returns")
     train_ratio: float = arg(32.0, "replayed steps per agent step (updates per agent step = ratio / (B*T))")
@@ -95,7 +97,7 @@ def check_config(cfg):
         if not 0 < getattr(cfg, name) <= 1:
             raise ValueError(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
     for name in ["video_interval", "image_interval", "log_interval", "checkpoint_interval",
-                 "learning_starts"]:
+                 "learning_starts", "warmup"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
@@ -214,7 +216,6 @@ class Trainer:
 
     def __init__(self, cfg, checkpoint=None):
         from env import Episodes, make_vector_env
-        from model import Dreamer, LaProp
         from utils import Logger
 
         self.cfg = cfg
@@ -225,12 +226,7 @@ class Trainer:
         self.replay = Replay(cfg.capacity, cfg.num_envs, seed=cfg.seed)
         self.envs = make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions)
         self.num_actions = int(self.envs.single_action_space.n)
-        self.agent = Dreamer(self.num_actions, discount=cfg.discount, lam=cfg.lam,
-                             horizon=cfg.imagination_horizon, **SIZES[cfg.model_size]).to(self.device)
-        wm = list(self.agent.world_model_parameters())
-        self.opt = LaProp([dict(params=wm, lr=cfg.lr),
-                           dict(params=self.agent.actor.parameters(), lr=cfg.actor_lr),
-                           dict(params=self.agent.critic.parameters(), lr=cfg.critic_lr)])
+        self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
         self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
         self.counters = dict(env_steps=0, updates=0, episodes=0, train_acc=0.0, best_return=None)
         run_id = cfg.resume_wandb_id or None
@@ -290,17 +286,7 @@ class Trainer:
         return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
 
     def update(self, batch):
-        """One optimizer step on all losses (world model, actor, critic, replay value)."""
-        b = self.to_tensors(batch)
-        self.agent.train()
-        with self.autocast:
-            total, metrics = self.loss_fn(b["obs"], b["action"], b["reward"], b["is_first"],
-                                          b["is_last"], b["is_terminal"])
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        metrics["opt/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.agent.parameters(), float("inf"))
-        self.opt.step()
-        self.agent.update_slow_critic()
+        metrics = update(self.agent, self.opt, self.to_tensors(batch), self.loss_fn, self.autocast)
         self.counters["updates"] += 1
         return metrics
 
@@ -377,6 +363,62 @@ class Trainer:
     def close(self):
         self.envs.close()
         self.logger.close()
+
+
+def build_agent(cfg, num_actions, device):
+    """The agent of `cfg.model_size` and its optimizer (one LaProp, a parameter group per lr)."""
+    from model import Dreamer, LaProp
+
+    agent = Dreamer(num_actions, discount=cfg.discount, lam=cfg.lam,
+                    horizon=cfg.imagination_horizon, **SIZES[cfg.model_size]).to(device)
+    opt = LaProp([dict(params=list(agent.world_model_parameters()), lr=cfg.lr),
+                  dict(params=list(agent.actor.parameters()), lr=cfg.actor_lr),
+                  dict(params=list(agent.critic.parameters()), lr=cfg.critic_lr)],
+                 warmup=cfg.warmup)
+    return agent, opt
+
+
+def update(agent, opt, batch, loss_fn=None, autocast=None):
+    """One optimizer step on all losses (world model, actor, critic, replay value).
+
+    batch: dict of tensors (B, T, ...) on the agent's device, as `Replay.sample` gives them.
+    """
+    agent.train()
+    with autocast or contextlib.nullcontext():
+        total, metrics = (loss_fn or agent.loss)(batch["obs"], batch["action"], batch["reward"],
+                                                  batch["is_first"], batch["is_last"],
+                                                  batch["is_terminal"])
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    metrics["opt/grad_norm"] = torch.nn.utils.clip_grad_norm_(agent.parameters(), float("inf"))
+    opt.step()
+    agent.update_slow_critic()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(agent, env_id, episodes, num_envs=4, seed=0, device="cpu", policy=None):
+    """Mean return of `episodes` full episodes with the agent's (sampled) policy, or with
+    `policy(obs) -> actions` when given (e.g. random actions for a baseline)."""
+    from env import Episodes, make_vector_env
+
+    envs = make_vector_env(env_id, num_envs)
+    try:
+        obs, _ = envs.reset(seed=seed)
+        ep, returns = Episodes(num_envs), []
+        state = agent.initial_state(num_envs, device) if agent is not None else None
+        while len(returns) < episodes:
+            if policy is not None:
+                action = policy(obs)
+            else:
+                action, state = agent.act(torch.as_tensor(obs, device=device),
+                                          torch.as_tensor(ep.is_first, device=device), state)
+                action = action.cpu().numpy()
+            obs, reward, terminated, truncated, _ = envs.step(action)
+            returns += [ret for _, ret, _ in ep.step(reward, terminated, truncated)]
+    finally:
+        envs.close()
+    return float(np.mean(returns[:episodes]))
 
 
 def seed_everything(seed):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Pong from scratch on one GPU for a fixed wall-clock budget, then the return curve.
+#
+#   bash bench/learn_pong.sh                 # 25 minutes
+#   BUDGET_S=600 bash bench/learn_pong.sh    # shorter
+#
+# The run stops with SIGINT at the budget (train.py writes its checkpoint and exits), then
+# <run_dir>/return_curve.csv holds agent steps, wall seconds and the mean return of the last
+# 10 episodes, and the final row is printed as JSON. Extra arguments go to train.py.
+# Model size and train ratio: a small model with a high train ratio learns Pong fastest per
+# wall-clock second on one GPU, because each update is bound by the sequential RSSM steps,
+# not by FLOPs (see bench/RESULTS.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET_S=${BUDGET_S:-1500}
+RUN_DIR=${RUN_DIR:-runs/learn_pong-$(date +%Y%m%d-%H%M%S)}
+timeout -s INT -k 120 "$BUDGET_S" python train.py --env ALE/Pong-v5 --model_size 12m \
+    --train_ratio 256 --num_envs 8 --total_steps 10000000 --learning_starts 2048 \
+    --precision bf16 --log_interval 2000 --run_dir "$RUN_DIR" "$@" || true
+python bench/return_curve.py "$RUN_DIR" --csv "$RUN_DIR/return_curve.csv"

@@ -1,0 +1,121 @@
+"""Time train.update (world model + imagination + actor-critic, one optimizer step) on synthetic batches.
+
+    python bench/update_speed.py --model_size 50m --device cuda --precision bf16
+
+Prints one JSON line: seconds per update, replayed steps per second, parameter counts, peak memory.
+"""
+import argparse
+import contextlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import common  # noqa: F401  (puts the repo root on sys.path)
+import numpy as np
+import torch
+
+import train
+
+
+def synthetic_batch(B, T, num_actions, device, seed=0):
+    """A batch shaped like Replay.sample's, as tensors on `device`."""
+    rng = np.random.default_rng(seed)
+    terminal = rng.random((B, T)) < 0.02
+    first = np.zeros((B, T), bool)
+    first[:, 0] = True
+    first[:, 1:] |= terminal[:, :-1]  # a reset observation follows every episode end
+    batch = dict(obs=rng.integers(0, 256, (B, T, 64, 64, 3), dtype=np.uint8),
+                 action=rng.integers(0, num_actions, (B, T), dtype=np.int64),
+                 reward=rng.normal(size=(B, T)).astype(np.float32),
+                 is_first=first, is_last=terminal, is_terminal=terminal)
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_allocated"
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "rss"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_size", default="tiny", choices=list(train.SIZES))
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--sequence_length", type=int, default=64)
+    p.add_argument("--horizon", type=int, default=15, help="imagination horizon")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16 = torch.autocast, CUDA only (ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="wrap agent.loss in torch.compile")
+    p.add_argument("--warmup_updates", type=int, default=2, help="untimed updates first (compile, allocator)")
+    p.add_argument("--updates", type=int, default=5, help="timed updates")
+    p.add_argument("--num_actions", type=int, default=6)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.updates < 1:
+        p.error("--updates must be >= 1")
+
+    with common.quiet_stdout():
+        threads = common.set_threads(args.threads)
+        train.seed_everything(args.seed)
+        device = train.pick_device(args.device)
+        precision = args.precision
+        if precision == "bf16" and device.type != "cuda":
+            common.warn("--precision bf16 is CUDA only; ignored, running fp32 on CPU")
+            precision = "fp32"
+        cfg = train.Config(env="ALE/Pong-v5", model_size=args.model_size, batch_size=args.batch_size,
+                           sequence_length=args.sequence_length, imagination_horizon=args.horizon)
+        agent, opt = train.build_agent(cfg, args.num_actions, device)
+        loss_fn = torch.compile(agent.loss) if args.compile else agent.loss
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                    else contextlib.nullcontext())
+        batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        times = []
+        for i in range(args.warmup_updates + args.updates):
+            sync()
+            start = time.perf_counter()
+            train.update(agent, opt, batch, loss_fn, autocast)
+            sync()  # CUDA runs asynchronously: wait for the step before reading the clock
+            if i >= args.warmup_updates:
+                times.append(time.perf_counter() - start)
+        memory, memory_kind = peak_memory(device)
+
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    median = statistics.median(times)
+    common.emit(dict(
+        device=device.type,
+        device_name=device_name(device),
+        torch=torch.__version__, model_size=args.model_size,
+        params_world_model=count(agent.world_model_parameters()),
+        params_actor=count(agent.actor.parameters()), params_critic=count(agent.critic.parameters()),
+        batch_size=args.batch_size, sequence_length=args.sequence_length, horizon=args.horizon,
+        precision=precision, precision_requested=args.precision, compile=args.compile, threads=threads,
+        sec_per_update_median=median, sec_per_update_min=min(times), sec_per_update_max=max(times),
+        updates_per_sec=1 / median,
+        replayed_steps_per_sec=args.batch_size * args.sequence_length / median,
+        peak_memory_bytes=int(memory), peak_memory_kind=memory_kind,
+    ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

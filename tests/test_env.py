@@ -1,0 +1,106 @@
+"""Data conventions through the real collection path, on scripted envs and on real ALE Pong."""
+import numpy as np
+import pytest
+
+import train
+from env import check_env_id, make_env
+
+
+def trainer_for(env_id, tmp_path, num_envs=2, **kw):
+    kw = dict(dict(capacity=4096, sequence_length=8, video_interval=0), **kw)
+    cfg = train.Config(env=env_id, num_envs=num_envs, model_size="tiny", run_dir=str(tmp_path),
+                       wandb_mode="disabled", **kw)
+    return train.Trainer(cfg, train.prepare(cfg))
+
+
+def stored(trainer, steps):
+    for _ in range(steps):
+        trainer.collect()
+    r = trainer.replay
+    return r.obs[:, :steps, 0, 0, 0], {k: v[:, :steps] for k, v in r.data.items()}
+
+
+@pytest.mark.parametrize("env_id,terminal", [("tests.scripted:Terminate-v0", True),
+                                             ("tests.scripted:Truncate-v0", False)])
+def test_stored_steps_align_reward_and_flags_with_their_observation(tmp_path, env_id, terminal):
+    trainer = trainer_for(env_id, tmp_path)
+    try:
+        frames, d = stored(trainer, 9)
+    finally:
+        trainer.close()
+    k = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0])  # step within the episode, reset obs at k = 0
+    for e in range(2):
+        assert (frames[e] == 10 * k).all()  # the frame of step k
+        assert (d["reward"][e] == k).all()  # the reward that arrived with it; 0 at reset
+        assert (d["is_first"][e] == (k == 0)).all()
+        assert (d["is_last"][e] == (k == 3)).all()
+        # Truncation is last but never terminal.
+        assert (d["is_terminal"][e] == ((k == 3) & terminal)).all()
+
+
+def test_episode_statistics_count_steps_and_rewards(tmp_path):
+    trainer = trainer_for("tests.scripted:Terminate-v0", tmp_path, num_envs=1)
+    try:
+        finished = [trainer.collect() for _ in range(4)]
+    finally:
+        trainer.close()
+    assert finished[:2] == [[], []] and finished[2] == [(0, 6.0, 3)]
+
+
+def test_real_pong_episode_boundary(tmp_path):
+    trainer = trainer_for("ALE/Pong-v5", tmp_path, num_envs=1, capacity=8192)
+    try:
+        finished, steps = [], 0
+        while not finished and steps < 4000:
+            finished = trainer.collect()
+            steps += 1
+        # collect() returns an episode when the env step produced its last observation; that
+        # observation is stored by the next collect(), the reset observation by the one after.
+        trainer.collect()
+        trainer.collect()
+        steps += 2
+    finally:
+        trainer.close()
+    assert finished, "a random Pong episode should end within 4000 agent steps"
+    d = {k: v[0, :steps] for k, v in trainer.replay.data.items()}
+    last = np.flatnonzero(d["is_last"])
+    assert list(last) == [steps - 2]
+    assert d["is_terminal"][steps - 2]  # game over is a real termination
+    assert d["is_first"][0] and d["is_first"][steps - 1] and d["is_first"].sum() == 2
+    assert d["reward"][steps - 1] == 0 and d["reward"][0] == 0
+    _, ret, length = finished[0]
+    assert ret == d["reward"][:steps - 1].sum() and length == steps - 2
+    assert ret <= -1  # a random policy loses points
+    assert set(np.unique(d["reward"])) <= {-1.0, 0.0, 1.0}  # rewards are not clipped: Pong's are ±1
+
+
+def test_actions_change_the_game_on_real_ale():
+    """ale-py 0.10.0/0.10.1 ignored actions (ALE issue 594): UP and DOWN must differ."""
+    frames = {}
+    for action in (2, 3):  # Pong: RIGHT (up), LEFT (down)
+        env = make_env("ALE/Pong-v5", sticky=0.0, noops=0)()
+        env.reset(seed=0)
+        for _ in range(30):
+            obs, *_ = env.step(action)
+        frames[action] = obs.astype(int)
+        env.close()
+    assert np.abs(frames[2] - frames[3]).sum() > 1000
+
+
+def test_atari_frames_are_64x64_rgb_uint8():
+    env = make_env("ALE/Breakout-v5")()
+    obs, _ = env.reset(seed=0)
+    obs2, reward, *_ = env.step(1)
+    env.close()
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and obs2.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("env_id", ["ALE/Pongg-v5", "Pong", "nosuchmodule:Foo-v0"])
+def test_unknown_env_is_a_clear_error(env_id):
+    with pytest.raises(ValueError, match="--env"):
+        check_env_id(env_id)
+
+
+def test_unknown_game_names_close_matches():
+    with pytest.raises(ValueError, match="ALE/Pong-v5"):
+        check_env_id("ALE/Pongg-v5")

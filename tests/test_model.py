@@ -1,0 +1,289 @@
+"""Formulas of SPEC.md against hand-computed values, and gradient routing."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from model import (LaProp, Normalize, TwoHot, categorical_kl, lambda_return, openloop, symexp,
+                   symlog, unimix)
+
+
+def tiny_agent(num_actions=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = train.Config(env="ALE/Pong-v5", model_size="tiny", **kw)
+    agent, opt = train.build_agent(cfg, num_actions, torch.device("cpu"))
+    return agent, opt
+
+
+def random_batch(B=2, T=4, num_actions=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    first = torch.zeros(B, T, dtype=torch.bool)
+    first[:, 0] = True
+    return dict(obs=torch.randint(0, 256, (B, T, 64, 64, 3), dtype=torch.uint8, generator=g),
+                action=torch.randint(0, num_actions, (B, T), generator=g),
+                reward=torch.randn(B, T, generator=g), is_first=first,
+                is_last=torch.zeros(B, T, dtype=torch.bool),
+                is_terminal=torch.zeros(B, T, dtype=torch.bool))
+
+
+def test_symlog_symexp_are_inverse():
+    x = torch.tensor([-1e6, -100.0, -1.0, -0.5, 0.0, 0.3, 1.0, 7.0, 1e4], dtype=torch.float64)
+    assert torch.allclose(symexp(symlog(x)), x, rtol=1e-12)
+    assert symlog(torch.tensor(math.e - 1)).item() == pytest.approx(1.0)
+    assert symlog(torch.tensor(-(math.e - 1))).item() == pytest.approx(-1.0)
+
+
+def test_twohot_encode_decode_round_trip():
+    twohot = TwoHot()
+    x = torch.tensor([-300.0, -1.0, -0.01, 0.0, 0.37, 1.0, 21.0, 1234.5])
+    target = twohot.encode(x)
+    assert torch.allclose(target.sum(-1), torch.ones(len(x)))
+    assert ((target > 0).sum(-1) <= 2).all()
+    assert torch.allclose((target * twohot.bins).sum(-1), x, rtol=1e-5, atol=1e-6)
+    # pred() of a distribution equal to the target decodes the value again.
+    assert torch.allclose(twohot.pred(torch.log(target + 1e-30)), x, rtol=1e-4, atol=1e-5)
+
+
+def test_twohot_bins_are_symexp_of_linspace():
+    bins = TwoHot().bins
+    assert len(bins) == 255 and bins[127].item() == 0.0
+    assert bins[-1].item() == pytest.approx(math.expm1(20.0), rel=1e-5)
+    assert torch.allclose(bins, -bins.flip(0))
+
+
+def test_zero_logits_predict_exactly_zero():
+    assert TwoHot().pred(torch.zeros(5, 255)).eq(0).all()
+
+
+def test_reward_and_critic_heads_start_at_exactly_zero_after_init():
+    agent, _ = tiny_agent()
+    feat = torch.randn(7, agent.rssm.feat_dim)
+    assert agent.twohot.pred(agent.reward_head(feat)).eq(0).all()
+    assert agent.twohot.pred(agent.critic(feat)).eq(0).all()
+    assert agent.reward_head[-1].weight.eq(0).all() and agent.critic[-1].weight.eq(0).all()
+
+
+def test_policy_output_starts_small_and_near_uniform():
+    agent, _ = tiny_agent()
+    out = agent.actor[-1].weight
+    hidden = agent.actor[1][0].weight  # same fan-in as the output layer
+    assert 0 < out.std() < 0.02 * hidden.std()
+    probs = agent.policy_logprobs(torch.randn(100, agent.rssm.feat_dim)).exp()
+    assert torch.allclose(probs, torch.full_like(probs, 1 / 3), atol=0.02)
+
+
+def test_slow_critic_equals_critic_at_start_and_follows_by_ema():
+    agent, _ = tiny_agent()
+    for slow, fast in zip(agent.slow_critic.parameters(), agent.critic.parameters()):
+        assert torch.equal(slow, fast)
+        assert not slow.requires_grad
+    with torch.no_grad():
+        agent.critic[-1].bias.fill_(1.0)
+    agent.update_slow_critic()
+    assert torch.allclose(agent.slow_critic[-1].bias, torch.full((255,), 0.02))
+
+
+def test_lambda_return_stops_at_terminal():
+    # R_t = r_{t+1} + c_{t+1}((1 − λ)V_{t+1} + λR_{t+1}), R_3 = V_3; c_2 = 0 is a terminal.
+    reward = torch.tensor([[1.0, 2.0, 3.0]])
+    cont = torch.tensor([[0.9, 0.0, 0.9]])
+    value = torch.tensor([[0.0, 10.0, 20.0, 30.0]])
+    ret = lambda_return(reward, cont, value, 0.5)
+    # R_2 = 3 + 0.9·(15 + 15) = 30; R_1 = 2 + 0 = 2; R_0 = 1 + 0.9·(5 + 1) = 6.4
+    assert torch.allclose(ret, torch.tensor([[6.4, 2.0, 30.0]]))
+
+
+def test_lambda_return_with_per_step_lambda_cuts_at_episode_end():
+    reward = torch.tensor([[1.0, 1.0]])
+    cont = torch.tensor([[1.0, 1.0]])
+    boot = torch.tensor([[0.0, 4.0, 8.0]])
+    lam = torch.tensor([[0.0, 1.0]])  # λ = 0 at step 1: R_0 = r_1 + B_1 (no R_1)
+    assert torch.allclose(lambda_return(reward, cont, boot, lam), torch.tensor([[5.0, 9.0]]))
+
+
+def test_return_normalisation_percentiles_ema_and_floor():
+    norm = Normalize(rate=0.01, limit=1.0)
+    norm.update(torch.arange(101.0))  # P5 = 5, P95 = 95
+    lo, scale = norm.stats()
+    assert lo.item() == pytest.approx(5.0) and scale.item() == pytest.approx(90.0)
+    norm.update(torch.arange(201.0))  # P5 = 10, P95 = 190
+    corr = 1 - 0.99 ** 2  # debiased EMA
+    lo2 = (0.99 * 0.01 * 5 + 0.01 * 10) / corr
+    hi2 = (0.99 * 0.01 * 95 + 0.01 * 190) / corr
+    lo, scale = norm.stats()
+    assert lo.item() == pytest.approx(lo2, rel=1e-5)
+    assert scale.item() == pytest.approx(hi2 - lo2, rel=1e-5)
+    small = Normalize()
+    small.update(torch.linspace(0, 0.5, 50))
+    assert small.stats()[1].item() == 1.0  # floor: small returns are not scaled up
+
+
+def test_kl_free_bits_clip_the_sum_over_latents_per_step():
+    agent, _ = tiny_agent()
+    p = torch.log(torch.tensor([0.5, 0.5]))
+    q = torch.log(torch.tensor([0.9, 0.1]))
+    kl_one = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108 per latent
+    post = torch.stack([torch.stack([p, p]), torch.stack([p, p])])[None]  # (1, 2, 2 latents, 2)
+    prior = torch.stack([torch.stack([q, q]), torch.stack([p, p])])[None]
+    assert categorical_kl(p, q).item() == pytest.approx(kl_one)
+    dyn, rep = agent.kl_losses(post, prior)
+    # t=0: 2·0.5108 = 1.0217 > 1 stays; t=1: 0 is clipped to 1. Clipping each latent first
+    # would give 2.0 at t=0.
+    assert dyn.shape == (1, 2)
+    assert torch.allclose(dyn, torch.tensor([[2 * kl_one, 1.0]]))
+    assert torch.allclose(rep, dyn)
+
+
+def test_unimix_mixes_one_percent_uniform():
+    logp = unimix(torch.tensor([0.0, math.log(3.0)]), 0.01)
+    assert torch.allclose(logp.exp(), torch.tensor([0.99 * 0.25 + 0.005, 0.99 * 0.75 + 0.005]))
+    assert unimix(torch.tensor([-1e9, 0.0, -1e9, -1e9]), 0.01).exp().min().item() == \
+        pytest.approx(0.0025)
+
+
+def laprop_reference(params, grads, lr, warmup, b1=0.9, b2=0.999, eps=1e-20, agc=0.3, pmin=1e-3):
+    """The optimizer written out in numpy, step by step, for one tensor."""
+    p = np.array(params, dtype=np.float64)
+    nu, mu = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = np.array(g, dtype=np.float64)
+        upper = agc * max(pmin, np.linalg.norm(p))
+        g = g / max(1.0, np.linalg.norm(g) / upper)
+        nu = b2 * nu + (1 - b2) * g * g
+        u = g / (np.sqrt(nu / (1 - b2 ** t)) + eps)
+        mu = b1 * mu + (1 - b1) * u
+        p = p - lr * min(1.0, t / warmup) * mu / (1 - b1 ** t)
+    return p
+
+
+def test_laprop_with_agc_matches_written_out_reference():
+    grads = [[30.0, 40.0], [0.01, -0.02], [-1.0, 0.5]]
+    param = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    opt = LaProp([param], lr=0.1, warmup=2)
+    for g in grads:
+        param.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    expected = laprop_reference([3.0, 4.0], grads, lr=0.1, warmup=2)
+    assert np.allclose(param.detach().numpy(), expected, rtol=1e-12)
+    # First step by hand: AGC scales (30, 40) to (0.9, 1.2); RMS makes each entry ±1;
+    # warm-up lr = 0.1·1/2.
+    param = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    opt = LaProp([param], lr=0.1, warmup=2)
+    param.grad = torch.tensor([30.0, 40.0], dtype=torch.float64)
+    opt.step()
+    assert torch.allclose(param.detach(), torch.tensor([2.95, 3.95], dtype=torch.float64))
+
+
+def grads_of(loss, modules):
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return [sum(p.grad.abs().sum().item() for p in m.parameters() if p.grad is not None)
+            for m in modules]
+
+
+def test_dyn_loss_moves_prior_not_encoder_and_rep_loss_the_opposite():
+    # One step, so the prior depends on no earlier posterior sample.
+    agent, _ = tiny_agent()
+    b = random_batch(T=1)
+    losses, _, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+                                          b["is_terminal"])
+    enc, post, prior = agent.encoder, agent.rssm.post_net, agent.rssm.prior_net
+    g_enc, g_post, g_prior = grads_of(losses["dyn"].mean(), [enc, post, prior])
+    assert g_prior > 0 and g_enc == 0 and g_post == 0
+    g_enc, g_post, g_prior = grads_of(losses["rep"].mean(), [enc, post, prior])
+    assert g_enc > 0 and g_post > 0 and g_prior == 0
+
+
+def test_free_bits_stop_gradients_below_one_nat():
+    agent, _ = tiny_agent()
+    post = torch.log(torch.full((1, 1, 2, 2), 0.5)).requires_grad_()
+    prior = torch.log(torch.tensor([[[[0.6, 0.4], [0.5, 0.5]]]])).requires_grad_()
+    dyn, _ = agent.kl_losses(post, prior)  # KL ≈ 0.02 < 1 nat: clipped, no gradient
+    dyn.sum().backward()
+    assert prior.grad.abs().sum() == 0
+
+
+def test_policy_loss_does_not_reach_world_model():
+    agent, _ = tiny_agent()
+    b = random_batch()
+    _, feat, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+                                        b["is_terminal"])
+    feats, actions = agent.imagine(feat)
+    with torch.no_grad():  # make the advantage non-zero so the policy gradient is not trivial
+        agent.critic[-1].bias.copy_(torch.linspace(-3, 3, 255))
+    losses, _, _ = agent.behavior_loss(feats, actions)
+    wm = [agent.encoder, agent.rssm, agent.decoder, agent.reward_head, agent.cont_head]
+    agent.zero_grad(set_to_none=True)
+    losses["policy"].mean().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for m in wm for p in m.parameters())
+    assert sum(p.grad.abs().sum() for p in agent.actor.parameters()) > 0
+    assert all(p.grad is None for p in agent.critic.parameters())
+
+
+def test_replay_value_loss_reaches_world_model():
+    agent, _ = tiny_agent()
+    with torch.no_grad():  # the zero-initialised output layer would block every gradient
+        torch.nn.init.normal_(agent.critic[-1].weight)
+    b = random_batch()
+    _, feat, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+                                        b["is_terminal"])
+    loss, _ = agent.replay_value_loss(feat, b["reward"], b["is_last"], b["is_terminal"],
+                                      torch.zeros(2, 4))
+    g_enc, g_critic = grads_of(loss.mean(), [agent.encoder, agent.critic])
+    assert g_enc > 0 and g_critic > 0
+
+
+def test_obs_step_resets_state_and_previous_action_at_is_first():
+    agent, _ = tiny_agent()
+    rssm = agent.rssm
+    embed = torch.randn(2, agent.encoder.out_dim)
+    deter = torch.randn(2, rssm.deter)
+    stoch = F.one_hot(torch.randint(0, rssm.classes, (2, rssm.stoch)), rssm.classes).float().flatten(1)
+    action = F.one_hot(torch.tensor([1, 2]), 3).float()
+    first = torch.tensor([True, True])
+    torch.manual_seed(1)
+    d1, _, post1 = rssm.obs_step(deter, stoch, action, embed, first)
+    torch.manual_seed(1)
+    zeros = rssm.initial(2, "cpu")
+    d0, _, post0 = rssm.obs_step(*zeros, torch.zeros_like(action), embed, first)
+    assert torch.equal(d1, d0) and torch.equal(post1, post0)
+    d2, _, _ = rssm.obs_step(deter, stoch, action, embed, torch.tensor([False, False]))
+    assert not torch.allclose(d2, d0)
+
+
+def test_block_gru_keeps_blocks_independent():
+    agent, _ = tiny_agent()
+    gates = agent.rssm.gru_gates
+    x = torch.randn(1, gates.weight.shape[0] * gates.weight.shape[1], requires_grad=True)
+    y = gates(x)
+    y[0, 0].backward()  # first output belongs to block 0
+    in_block = gates.weight.shape[1]
+    assert x.grad[0, :in_block].abs().sum() > 0 and x.grad[0, in_block:].abs().sum() == 0
+
+
+def test_full_loss_and_update_change_parameters_and_stay_finite():
+    agent, opt = tiny_agent(warmup=1)
+    b = random_batch()
+    before = [p.detach().clone() for p in agent.parameters()]
+    train.update(agent, opt, b)
+    # Two updates: on the first, the zero output layers of reward head and critic block the
+    # gradient to the layers below them.
+    metrics = train.update(agent, opt, b)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert all(not torch.equal(a, p) for a, p in zip(before, agent.parameters()))
+    for key in ["loss/rec", "loss/rew", "loss/con", "loss/dyn", "loss/rep", "loss/policy",
+                "loss/value", "loss/repval", "actor/entropy", "actor/return_scale",
+                "wm/prior_entropy", "wm/post_entropy", "opt/grad_norm"]:
+        assert key in metrics
+
+
+def test_openloop_shapes():
+    agent, _ = tiny_agent()
+    b = random_batch(T=6)
+    recon, imagined = openloop(agent, b["obs"], b["action"], b["is_first"], context=2)
+    assert recon.shape == (2, 6, 64, 64, 3) and imagined.shape == (2, 4, 64, 64, 3)
+    assert 0 <= recon.min() and recon.max() <= 1
