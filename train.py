@@ -35,7 +35,7 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    env: str = arg("", "gymnasium id, e.g. ALE/Pong-v5 (any ALE game; also module:EnvId ids)")
+    env: str = arg("", "gymnasium id, e.g. ALE/Pong-v5 (any ALE game; also module:EnvId ids); required unless --resume")
     num_envs: int = arg(16, "number of parallel environments (AsyncVectorEnv workers)")
     total_steps: int = arg(1_000_000, "agent steps to train for (env steps after action repeat, summed over envs)")
     capacity: int = arg(1_000_000, "replay capacity in steps (about 12.3 KB each), split over the envs")
@@ -69,16 +69,24 @@ class Config:
     compile: bool = arg(False, "torch.compile the loss (slow start, faster updates on GPU)")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="DreamerV3 for Atari")
+def _parser(suppress_defaults=False):
+    parser = argparse.ArgumentParser(
+        description="DreamerV3 for Atari", argument_default=argparse.SUPPRESS if suppress_defaults else None)
     for f in dataclasses.fields(Config):
         help = f"{f.metadata['help']} (default: {f.default})"
+        default = {} if suppress_defaults else {"default": f.default}
         if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action="store_true", help=help)
+            parser.add_argument(f"--{f.name}", action="store_true", help=help, **default)
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                                required=f.name == "env", help=help)
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(f"--{f.name}", type=type(f.default), help=help, **default)
+    return parser
+
+
+def parse_args(argv=None):
+    """The Config of the command line, and the names of the flags given explicitly (on resume,
+    the others come from the checkpoint)."""
+    cfg = Config(**vars(_parser().parse_args(argv)))
+    return cfg, set(vars(_parser(suppress_defaults=True).parse_args(argv)))
 
 
 def check_config(cfg):
@@ -478,7 +486,7 @@ def train(trainer):
                 metrics = trainer.log_train()
                 last = trainer.recent_returns[-1] if trainer.recent_returns else float("nan")
                 bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
-                                ret=f"{last:.1f}", best=f"{c['best_return'] or float('nan'):.1f}")
+                                ret=f"{last:.1f}", best=f"{c['best_return'] if c['best_return'] is not None else float('nan'):.1f}")
             if cfg.checkpoint_interval and c["env_steps"] - trainer.last_ckpt >= cfg.checkpoint_interval:
                 trainer.save()
     finally:
@@ -490,21 +498,29 @@ def train(trainer):
     return trainer
 
 
-def prepare(cfg):
-    """Validate the config, load the checkpoint to resume from and fix the run directory."""
+def prepare(cfg, given=None):
+    """Validate the config, load the checkpoint to resume from and fix the run directory.
+
+    On resume, every setting not in `given` (the flags typed on this command line; None means
+    all) is taken from the checkpoint, so `--resume checkpoint.pt` alone continues the run.
+    """
     from utils import load_checkpoint
 
-    apply_presets(cfg)
-    check_config(cfg)
     checkpoint = None
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         saved = checkpoint["config"]
+        if given is not None:
+            for f in dataclasses.fields(Config):
+                if f.name in saved and f.name not in given | {"resume", "resume_wandb_id", "run_dir"}:
+                    setattr(cfg, f.name, saved[f.name])
         for key in ("env", "model_size"):
             if saved.get(key) != getattr(cfg, key):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
+    apply_presets(cfg)
+    check_config(cfg)
     if not cfg.run_dir:
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
         cfg.run_dir = os.path.join("runs", f"{game}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -513,9 +529,9 @@ def prepare(cfg):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, given = parse_args(argv)
     try:
-        trainer = Trainer(cfg, prepare(cfg))
+        trainer = Trainer(cfg, prepare(cfg, given))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

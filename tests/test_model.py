@@ -287,3 +287,24 @@ def test_openloop_shapes():
     recon, imagined = openloop(agent, b["obs"], b["action"], b["is_first"], context=2)
     assert recon.shape == (2, 6, 64, 64, 3) and imagined.shape == (2, 4, 64, 64, 3)
     assert 0 <= recon.min() and recon.max() <= 1
+
+
+def test_policy_gradient_raises_probability_of_actions_with_positive_advantage():
+    agent, _ = tiny_agent()
+    with torch.no_grad():  # reward head predicts +1 everywhere, critic 0: every advantage > 0
+        k = int(torch.argmin((agent.twohot.bins - 1.0).abs()))
+        agent.reward_head[-1].bias[k] = 30.0
+    b = random_batch()
+    _, feat, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+                                        b["is_terminal"])
+    feats, actions = agent.imagine(feat)
+    losses, ret, metrics = agent.behavior_loss(feats, actions)
+    assert ret.min() > 0 and metrics["actor/advantage"] > 0
+    logpi = lambda: (agent.policy_logprobs(feats) * actions).sum(-1)[:, :-1].mean()  # noqa: E731
+    before = logpi().item()
+    agent.zero_grad(set_to_none=True)
+    losses["policy"].mean().backward()
+    with torch.no_grad():
+        for p in agent.actor.parameters():
+            p -= 0.05 * p.grad
+    assert logpi().item() > before

@@ -2,8 +2,10 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -58,12 +60,14 @@ def test_resume_continues_from_saved_counters(smoke_run):
     run_dir, _ = smoke_run
     path = os.path.join(run_dir, "checkpoint.pt")
     before = torch.load(path, weights_only=False)
-    result = run_train(*SMOKE, "--total_steps", "2400", "--resume", path)
+    # Only the new budget is given: every other setting comes from the checkpoint.
+    result = run_train("--resume", path, "--total_steps", "2400")
     assert result.returncode == 0, result.stderr[-2000:]
     after = torch.load(path, weights_only=False)
     assert after["counters"]["env_steps"] == 2400
     assert after["counters"]["updates"] > before["counters"]["updates"]
     assert after["wandb_id"] == before["wandb_id"]
+    assert after["config"]["num_envs"] == 2 and after["config"]["model_size"] == "tiny"
     # The slow critic and the return normaliser come back from the checkpoint, then move on.
     assert after["agent"]["retnorm.corr"] >= before["agent"]["retnorm.corr"]
     steps = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -122,3 +126,24 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for f in dataclasses.fields(train.Config):
         assert f"--{f.name}" in result.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
+    args = ["--env", "tests.catch:Catch-v0", "--model_size", "tiny", "--num_envs", "2",
+            "--total_steps", "10000000", "--batch_size", "2", "--sequence_length", "8",
+            "--learning_starts", "64", "--train_ratio", "8", "--log_interval", "64",
+            "--wandb_mode", "disabled", "--video_interval", "0", "--image_interval", "0",
+            "--run_dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and "loss/rec" in metrics.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "saving checkpoint" in stderr and "Traceback" not in stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["counters"]["env_steps"] > 64 and ckpt["counters"]["updates"] > 0
