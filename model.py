@@ -291,9 +291,10 @@ class RSSM(nn.Module):
         self.in_deter = DenseBlock(deter, hidden)
         self.in_stoch = DenseBlock(stoch * classes, hidden)
         self.in_action = DenseBlock(num_actions, hidden)
-        self.gru_hidden = BlockLinear(blocks * (deter // blocks + 3 * hidden), hidden, blocks)
-        self.gru_norm = RMSNorm(hidden)
-        self.gru_gates = BlockLinear(hidden, 3 * deter, blocks)
+        # As in the official code the GRU's hidden layer is as wide as deter (block-diagonal).
+        self.gru_hidden = BlockLinear(blocks * (deter // blocks + 3 * hidden), deter, blocks)
+        self.gru_norm = RMSNorm(deter)
+        self.gru_gates = BlockLinear(deter, 3 * deter, blocks)
         self.prior_net = MLP(deter, stoch * classes, hidden, layers=2)
         self.post_net = MLP(deter + embed_dim, stoch * classes, hidden, layers=1)
 
