@@ -46,6 +46,18 @@ def check_env_id(env_id):
         raise ValueError(f"--env {env_id} is not a registered environment{hint}")
 
 
+def check_env(env_id):
+    """check_env_id, then build one env to check that it gives RGB images and discrete actions
+    (a clear error here beats a traceback from a vector-env worker)."""
+    check_env_id(env_id)
+    if is_atari(env_id):
+        return
+    try:
+        make_env(env_id)().close()
+    except ValueError as e:
+        raise ValueError(f"--env {env_id}: {e}") from None
+
+
 def is_atari(env_id):
     return env_id.split(":")[-1].startswith("ALE/")
 

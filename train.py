@@ -91,7 +91,7 @@ def parse_args(argv=None):
 
 def check_config(cfg):
     """Raise ValueError with one line for values that cannot work, before anything starts."""
-    from env import check_env_id
+    from env import check_env
 
     positive = ["num_envs", "total_steps", "capacity", "sequence_length", "batch_size",
                 "imagination_horizon", "train_ratio"]
@@ -125,7 +125,7 @@ def check_config(cfg):
                          f"fewer than --sequence_length {cfg.sequence_length}")
     if not cfg.env:
         raise ValueError("--env is required, e.g. --env ALE/Pong-v5")
-    check_env_id(cfg.env)
+    check_env(cfg.env)
 
 
 def apply_presets(cfg):
@@ -524,6 +524,10 @@ def prepare(cfg, given=None):
     if not cfg.run_dir:
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
         cfg.run_dir = os.path.join("runs", f"{game}-{time.strftime('%Y%m%d-%H%M%S')}")
+    existing = os.path.join(cfg.run_dir, "checkpoint.pt")
+    if checkpoint is None and os.path.exists(existing):
+        raise ValueError(f"--run_dir {cfg.run_dir} already holds a checkpoint; continue it with "
+                         f"--resume {existing} or choose another --run_dir")
     os.makedirs(cfg.run_dir, exist_ok=True)
     return checkpoint
 

@@ -103,6 +103,7 @@ def test_trainer_restores_optimizer_normaliser_and_counters(tmp_path):
     (["--env", "ALE/Pong-v5", "--wandb_mode", "online"], "--wandb_key"),
     (["--env", "ALE/Pong-v5", "--resume", "/nonexistent/checkpoint.pt"], "no such checkpoint"),
     (["--env", "ALE/Pong-v5", "--capacity", str(10**12), "--num_envs", "1"], "lower --capacity"),
+    (["--env", "CartPole-v1"], "must be RGB images"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     result = run_train(*args, "--run_dir", "/tmp/never-used", timeout=120)
@@ -110,6 +111,13 @@ def test_bad_input_is_one_line_error(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
+
+
+def test_new_run_never_overwrites_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"precious")
+    result = run_train("--env", "ALE/Pong-v5", "--run_dir", str(tmp_path), timeout=120)
+    assert result.returncode == 2 and "already holds a checkpoint" in result.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"precious"
 
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path):
