@@ -168,6 +168,17 @@ def test_laprop_with_agc_matches_written_out_reference():
         opt.step()
     expected = laprop_reference([3.0, 4.0], grads, lr=0.1, warmup=2)
     assert np.allclose(param.detach().numpy(), expected, rtol=1e-12)
+    # Several tensors in one group: each is clipped by its own norms.
+    a = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.0, 0.0, 1e-4], dtype=torch.float64))
+    opt = LaProp([a, b], lr=0.1, warmup=2)
+    grads_b = [[1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [1e-5, 0.0, -1e-5]]
+    for ga, gb in zip(grads, grads_b):
+        a.grad, b.grad = torch.tensor(ga, dtype=torch.float64), torch.tensor(gb, dtype=torch.float64)
+        opt.step()
+    assert np.allclose(a.detach().numpy(), expected, rtol=1e-12)
+    assert np.allclose(b.detach().numpy(), laprop_reference([0.0, 0.0, 1e-4], grads_b, 0.1, 2),
+                       rtol=1e-12, atol=1e-15)
     # First step by hand: AGC scales (30, 40) to (0.9, 1.2); RMS makes each entry ±1;
     # warm-up lr = 0.1·1/2.
     param = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
