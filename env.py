@@ -117,8 +117,10 @@ def make_env(env_id, sticky=0.25, repeat=4, noops=30):
 
     def thunk():
         if multiprocessing.parent_process() is not None:
-            # Worker process: Ctrl-C is handled by the trainer, which closes the workers.
+            # Worker process: Ctrl-C and SIGTERM (also when sent to the whole process group)
+            # are handled by the trainer, which saves its checkpoint and closes the workers.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _registry_ids()
         if is_atari(env_id):
             env = gym.make(env_id, frameskip=1, repeat_action_probability=sticky,

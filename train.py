@@ -128,9 +128,15 @@ def check_config(cfg):
     check_env(cfg.env)
 
 
-def apply_presets(cfg):
+ATARI100K = dict(num_envs=1, sticky_actions=0.0, total_steps=100_000, train_ratio=256.0)
+
+
+def apply_presets(cfg, given=None):
+    """--atari100k sets its values, except for flags given explicitly on the command line."""
     if cfg.atari100k:
-        cfg.num_envs, cfg.sticky_actions, cfg.total_steps, cfg.train_ratio = 1, 0.0, 100_000, 256.0
+        for key, value in ATARI100K.items():
+            if given is None or key not in given:
+                setattr(cfg, key, value)
     return cfg
 
 
@@ -243,6 +249,8 @@ class Trainer:
             self.opt.load_state_dict(checkpoint["optimizer"])
             self.counters.update(checkpoint["counters"])
             restore_rng(checkpoint.get("rng"))
+            if "replay" in checkpoint.get("rng", {}):
+                self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
             run_id = run_id or checkpoint.get("wandb_id")
         self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode, cfg.wandb_key,
                              run_id, cfg.wandb_project)
@@ -319,6 +327,7 @@ class Trainer:
                                        "episode/count": self.counters["episodes"]})
             if env_index == 0:
                 if self.video_frames:
+                    self.video_frames.append(self.obs[0].copy())  # the episode's last frame
                     path = os.path.join(self.cfg.run_dir, "videos",
                                         f"episode_{self.env0_episodes:06d}_step_{step}.mp4")
                     self.logger.video(step, "episode/video", write_video(path, self.video_frames))
@@ -362,7 +371,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "counters": dict(self.counters),
             "config": dataclasses.asdict(self.cfg),
-            "rng": rng_state(),
+            "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
             "wandb_id": self.logger.run_id,
             "num_actions": self.num_actions,
         })
@@ -405,7 +414,7 @@ def update(agent, opt, batch, loss_fn=None, autocast=None):
 
 
 @torch.no_grad()
-def evaluate(agent, env_id, episodes, num_envs=4, seed=0, device="cpu", policy=None):
+def evaluate(agent, env_id, episodes, num_envs=4, seed=0, policy=None):
     """Mean return of `episodes` full episodes with the agent's (sampled) policy, or with
     `policy(obs) -> actions` when given (e.g. random actions for a baseline)."""
     from env import Episodes, make_vector_env
@@ -414,6 +423,7 @@ def evaluate(agent, env_id, episodes, num_envs=4, seed=0, device="cpu", policy=N
     try:
         obs, _ = envs.reset(seed=seed)
         ep, returns = Episodes(num_envs), []
+        device = next(agent.parameters()).device if agent is not None else None
         state = agent.initial_state(num_envs, device) if agent is not None else None
         while len(returns) < episodes:
             if policy is not None:
@@ -449,7 +459,7 @@ def restore_rng(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 class StopFlag:
@@ -461,7 +471,7 @@ class StopFlag:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.stop:  # a second Ctrl-C stops at once
+        if self.stop:  # a second Ctrl-C stops at once, without saving (see train)
             raise KeyboardInterrupt
         self.stop = True
         print(f"\n{signal.Signals(signum).name}: saving checkpoint and stopping", file=sys.stderr)
@@ -473,7 +483,7 @@ def train(trainer):
 
     cfg = trainer.cfg
     flag = StopFlag()
-    c = trainer.counters
+    c, interrupted = trainer.counters, False
     bar = tqdm(total=cfg.total_steps, initial=min(c["env_steps"], cfg.total_steps), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     try:
@@ -484,15 +494,24 @@ def train(trainer):
             bar.update(cfg.num_envs)
             if c["env_steps"] - trainer.last_log >= cfg.log_interval:
                 metrics = trainer.log_train()
-                last = trainer.recent_returns[-1] if trainer.recent_returns else float("nan")
+                nan = float("nan")
+                last = trainer.recent_returns[-1] if trainer.recent_returns else nan
+                best = c["best_return"] if c["best_return"] is not None else nan
                 bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
-                                ret=f"{last:.1f}", best=f"{c['best_return'] if c['best_return'] is not None else float('nan'):.1f}")
+                                ret=f"{last:.1f}", best=f"{best:.1f}")
             if cfg.checkpoint_interval and c["env_steps"] - trainer.last_ckpt >= cfg.checkpoint_interval:
                 trainer.save()
+    except KeyboardInterrupt:
+        # A second signal may land inside an optimizer step: keep the last checkpoint instead.
+        interrupted = True
     finally:
         bar.close()
-        trainer.save()
+        if not interrupted:
+            trainer.save()
         trainer.close()
+    if interrupted:
+        print("stopped without saving; the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)
     print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
           f"checkpoint in {os.path.join(cfg.run_dir, 'checkpoint.pt')}")
     return trainer
@@ -519,7 +538,7 @@ def prepare(cfg, given=None):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
-    apply_presets(cfg)
+    apply_presets(cfg, given)
     check_config(cfg)
     if not cfg.run_dir:
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
