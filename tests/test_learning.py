@@ -14,12 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATCH = "tests.catch:Catch-v0"
 UPDATES_PONG = 2000  # the reconstruction leaves the mean-frame plateau after ~1000-1500
 
-# Tiny model, short sequences and a high learning rate: ~2000 updates in about 3 minutes on 2
+# Tiny model, short sequences and high learning rates: ~2100 updates in about 3.5 minutes on 2
 # CPU cores. Everything else (losses, imagination, normalisation, optimizer) is the default.
+# The actor's rate stays lower: at 1e-3 the policy could collapse early onto a wrong
+# deterministic choice, so the outcome depended on small numerical differences.
 CATCH_ARGS = ["--env", CATCH, "--model_size", "tiny", "--num_envs", "2", "--total_steps", "2400",
               "--batch_size", "8", "--sequence_length", "8", "--imagination_horizon", "10",
               "--train_ratio", "64", "--learning_starts", "300", "--lr", "1e-3",
-              "--actor_lr", "1e-3", "--critic_lr", "1e-3", "--warmup", "50",
+              "--actor_lr", "3e-4", "--critic_lr", "1e-3", "--warmup", "50",
               "--wandb_mode", "disabled", "--video_interval", "0", "--image_interval", "0",
               "--log_interval", "400", "--seed", "0"]
 
