@@ -262,8 +262,8 @@ class Trainer:
         self.video_frames = None
         self.env0_episodes = 0
         self.replay_steps = 0  # steps stored since this process started (replay is not saved)
-        self.last_log = self.counters["env_steps"]
         self.last_ckpt = self.counters["env_steps"]
+        # (time, env steps, updates) at the last log of training scalars
         self.timer = (time.time(), self.counters["env_steps"], self.counters["updates"])
 
     # -- steps of the loop ----------------------------------------------------------------------
@@ -345,7 +345,7 @@ class Trainer:
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
-        self.train_metrics, self.timer, self.last_log = {}, (now, step, self.counters["updates"]), step
+        self.train_metrics, self.timer = {}, (now, step, self.counters["updates"])
         return metrics
 
     def log_images(self, batch):
@@ -492,7 +492,7 @@ def train(trainer):
             trainer.train_updates()
             trainer.log_episodes(finished)
             bar.update(cfg.num_envs)
-            if c["env_steps"] - trainer.last_log >= cfg.log_interval:
+            if c["env_steps"] - trainer.timer[1] >= cfg.log_interval:  # steps since the last log
                 metrics = trainer.log_train()
                 nan = float("nan")
                 last = trainer.recent_returns[-1] if trainer.recent_returns else nan
