@@ -1,4 +1,5 @@
-"""The agent learns: end-to-end Catch through the real train.py, and the world model on Pong."""
+"""The agent learns: end-to-end Catch and Rhythm through the real train.py, and the world model
+on Pong."""
 import os
 import subprocess
 import sys
@@ -11,39 +12,60 @@ import train
 from model import Dreamer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CATCH = "tests.catch:Catch-v0"
+CATCH, RHYTHM = "tests.catch:Catch-v0", "tests.rhythm:Rhythm-v0"
 UPDATES_PONG = 2000  # the reconstruction leaves the mean-frame plateau after ~1000-1500
 
 # Tiny model, short sequences and high learning rates: ~2100 updates in about 3.5 minutes on 2
 # CPU cores. Everything else (losses, imagination, normalisation, optimizer) is the default.
 # The actor's rate stays lower: at 1e-3 the policy could collapse early onto a wrong
 # deterministic choice, so the outcome depended on small numerical differences.
-CATCH_ARGS = ["--env", CATCH, "--model_size", "tiny", "--num_envs", "2", "--total_steps", "2400",
-              "--batch_size", "8", "--sequence_length", "8", "--imagination_horizon", "10",
-              "--train_ratio", "64", "--learning_starts", "300", "--lr", "1e-3",
-              "--actor_lr", "3e-4", "--critic_lr", "1e-3", "--warmup", "50",
-              "--wandb_mode", "disabled", "--video_interval", "0", "--image_interval", "0",
-              "--log_interval", "400", "--seed", "0"]
+TINY_ARGS = ["--model_size", "tiny", "--num_envs", "2", "--batch_size", "8",
+             "--sequence_length", "8", "--imagination_horizon", "10", "--train_ratio", "64",
+             "--learning_starts", "300", "--lr", "1e-3", "--actor_lr", "3e-4",
+             "--critic_lr", "1e-3", "--warmup", "50", "--wandb_mode", "disabled",
+             "--video_interval", "0", "--image_interval", "0", "--log_interval", "400",
+             "--seed", "0"]
+
+
+def train_tiny(env_id, total_steps, num_actions, run_dir):
+    """Train through the user's command line, then load the final checkpoint."""
+    result = subprocess.run([sys.executable, "train.py", "--env", env_id, *TINY_ARGS,
+                             "--total_steps", str(total_steps), "--run_dir", str(run_dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    agent = Dreamer(num_actions, **train.SIZES["tiny"])
+    agent.load_state_dict(ckpt["agent"])
+    return agent.eval()
+
+
+def random_return(env_id, num_actions, episodes=200):
+    rng = np.random.default_rng(0)
+    return train.evaluate(None, env_id, episodes, seed=1,
+                          policy=lambda obs: rng.integers(0, num_actions, len(obs)))
 
 
 @pytest.mark.slow
 def test_agent_learns_catch_far_better_than_random(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", *CATCH_ARGS, "--run_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    agent = Dreamer(3, **train.SIZES["tiny"])
-    agent.load_state_dict(ckpt["agent"])
-    agent.eval()
-    rng = np.random.default_rng(0)
-    random_return = train.evaluate(None, CATCH, 200, seed=1,
-                                   policy=lambda obs: rng.integers(0, 3, len(obs)))
-    trained_return = train.evaluate(agent, CATCH, 100, seed=2)
+    agent = train_tiny(CATCH, 2400, 3, tmp_path)
+    random_play, trained = random_return(CATCH, 3), train.evaluate(agent, CATCH, 100, seed=2)
     # Return = 2·catch rate − 1: random catches about 20%, the trained agent at least 80%.
-    print(f"catch: trained {trained_return:.2f}, random {random_return:.2f}")
-    assert random_return < -0.3
-    assert trained_return >= 0.6
-    assert trained_return - random_return >= 1.0
+    print(f"catch: trained {trained:.2f}, random {random_play:.2f}")
+    assert random_play < -0.3
+    assert trained >= 0.6
+    assert trained - random_play >= 1.0
+
+
+@pytest.mark.slow
+def test_agent_learns_rhythm_which_needs_the_is_first_reset(tmp_path):
+    """Rhythm can only be won by an agent whose state restarts at every episode's first step:
+    the screen never changes. A perfect agent earns 3.5 per episode on average; an agent that
+    cannot tell where episodes begin earns about 0.5 at best, random play about 0."""
+    agent = train_tiny(RHYTHM, 1200, 2, tmp_path)
+    random_play, trained = random_return(RHYTHM, 2), train.evaluate(agent, RHYTHM, 100, seed=2)
+    print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
+    assert abs(random_play) < 0.5
+    assert trained >= 2.5
 
 
 @pytest.mark.slow
