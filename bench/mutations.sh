@@ -26,8 +26,8 @@ for entry in "${MUTATIONS[@]}"; do
   fi
   log="$WORK/log"
   (cd "$WORK/tree" && python -m pytest -q -s tests/test_learning.py -k "$TESTS" >"$log" 2>&1) || true
-  returns=$(grep -oE "(catch|rhythm): trained [^,]+, random [-0-9.]+" "$log" | tr "\n" ";" || true)
+  returns=$(grep -oE "(catch|rhythm): trained [^,]+, random [-0-9.]+" "$log" | paste -sd " " || true)
   verdict=$(grep -E "[0-9]+ (passed|failed)" "$log" | tail -1)
-  echo "$name: ${returns}-> ${verdict}"
+  echo "$name: ${returns:-no returns printed} | ${verdict}"
   git worktree remove --force "$WORK/tree"
 done

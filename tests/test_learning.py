@@ -66,6 +66,7 @@ def test_agent_learns_rhythm_which_needs_the_is_first_reset(tmp_path):
     print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
     assert abs(random_play) < 0.5
     assert trained >= 2.5
+    assert trained - random_play >= 2.0
 
 
 @pytest.mark.slow
