@@ -7,6 +7,7 @@ ignore lives. gymnasium ≥ 1.0 vector envs autoreset on the step AFTER an episo
 `Episodes` bookkeeping turns that into the stored-step convention (reward and flags arrive with
 the observation, the reset step is `is_first` with reward 0).
 """
+import atexit
 import difflib
 import importlib
 import multiprocessing
@@ -119,8 +120,10 @@ def make_env(env_id, sticky=0.25, repeat=4, noops=30):
         if multiprocessing.parent_process() is not None:
             # Worker process: Ctrl-C and SIGTERM (also when sent to the whole process group)
             # are handled by the trainer, which saves its checkpoint and closes the workers.
+            # Because of that, `VectorEnv` kills (SIGKILL) workers that a forced close finds alive.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            cv2.setNumThreads(1)  # one resize per step; threads would only compete with torch
         _registry_ids()
         if is_atari(env_id):
             env = gym.make(env_id, frameskip=1, repeat_action_probability=sticky,
@@ -134,13 +137,33 @@ def make_env(env_id, sticky=0.25, repeat=4, noops=30):
     return thunk
 
 
+class VectorEnv(gym.vector.AsyncVectorEnv):
+    """AsyncVectorEnv whose forced close (an error, garbage collection, interpreter exit) kills
+    the workers: they ignore SIGTERM, so the stock terminate-and-join would wait forever."""
+
+    def close_extras(self, timeout=None, terminate=False):
+        if terminate:
+            _kill(self.processes)
+        super().close_extras(timeout, terminate)
+
+
+def _kill(processes):
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+
+
 def make_vector_env(env_id, num_envs, sticky=0.25, asynchronous=True):
     """gymnasium vector env with next-step autoreset (the gymnasium ≥ 1.0 default)."""
     thunks = [make_env(env_id, sticky) for _ in range(num_envs)]
     mode = gym.vector.AutoresetMode.NEXT_STEP
-    if asynchronous:
-        return gym.vector.AsyncVectorEnv(thunks, shared_memory=True, autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
+    if not asynchronous:
+        return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
+    envs = VectorEnv(thunks, shared_memory=True, autoreset_mode=mode)
+    # Runs before multiprocessing's own exit handler (registered earlier), which would send
+    # SIGTERM to the workers and then wait for them.
+    atexit.register(_kill, list(envs.processes))
+    return envs
 
 
 class Episodes:

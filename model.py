@@ -378,7 +378,8 @@ class RSSM(nn.Module):
 class Dreamer(nn.Module):
     """World model + actor + critic (+ slow critic and return normaliser), with the losses.
 
-    `loss(batch)` returns (total, metrics, state); train.py does the optimizer step.
+    `loss(obs, action, reward, is_first, is_last, is_terminal)` returns (total, metrics);
+    train.py does the optimizer step.
     """
 
     loss_scales = dict(rec=1.0, rew=1.0, con=1.0, dyn=1.0, rep=0.1, policy=1.0, value=1.0,

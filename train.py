@@ -76,7 +76,8 @@ def _parser(suppress_defaults=False):
         help = f"{f.metadata['help']} (default: {f.default})"
         default = {} if suppress_defaults else {"default": f.default}
         if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action="store_true", help=help, **default)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help,
+                                **default)
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), help=help, **default)
     return parser
@@ -93,11 +94,13 @@ def check_config(cfg):
     """Raise ValueError with one line for values that cannot work, before anything starts."""
     from env import check_env
 
-    positive = ["num_envs", "total_steps", "capacity", "sequence_length", "batch_size",
-                "imagination_horizon", "train_ratio"]
+    positive = ["num_envs", "total_steps", "capacity", "batch_size", "imagination_horizon",
+                "train_ratio"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.sequence_length < 2:  # the replay value loss bootstraps from the next step
+        raise ValueError(f"--sequence_length must be at least 2, got {cfg.sequence_length}")
     for name in ["lr", "actor_lr", "critic_lr"]:
         if not 0 < getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be in (0, 1), got {getattr(cfg, name)}")
@@ -236,26 +239,31 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16" and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed)
         self.replay = Replay(cfg.capacity, cfg.num_envs, seed=cfg.seed)
+        # Collection and updates alternate (the workers wait while torch runs and the other way
+        # round), so torch keeps its default threads. Any failure from here on must close the
+        # workers, or the process would wait for them forever.
         self.envs = make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions)
-        self.num_actions = int(self.envs.single_action_space.n)
-        self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
-        self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
-        self.counters = dict(env_steps=0, updates=0, episodes=0, train_acc=0.0, best_return=None)
-        run_id = cfg.resume_wandb_id or None
-        if checkpoint is not None:
-            self.agent.load_state_dict(checkpoint["agent"])
-            self.opt.load_state_dict(checkpoint["optimizer"])
-            self.counters.update(checkpoint["counters"])
-            restore_rng(checkpoint.get("rng"))
-            if "replay" in checkpoint.get("rng", {}):
-                self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
-            run_id = run_id or checkpoint.get("wandb_id")
-        self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode, cfg.wandb_key,
-                             run_id, cfg.wandb_project)
+        try:
+            self.num_actions = int(self.envs.single_action_space.n)
+            self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
+            self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
+            self.counters = dict(env_steps=0, updates=0, episodes=0, train_acc=0.0,
+                                 best_return=None)
+            run_id = cfg.resume_wandb_id or None
+            if checkpoint is not None:
+                self.restore(checkpoint)
+                run_id = run_id or checkpoint.get("wandb_id")
+            self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
+                                 cfg.wandb_key, run_id, cfg.wandb_project)
+            self.obs, _ = self.envs.reset(seed=cfg.seed + 1000 * self.counters["updates"])
+        except BaseException:
+            self.envs.close(terminate=True)
+            raise
         self.episodes = Episodes(cfg.num_envs)
-        self.obs, _ = self.envs.reset(seed=cfg.seed + 1000 * self.counters["updates"])
         self.state = self.agent.initial_state(cfg.num_envs, self.device)
         self.recent_returns = []
         self.train_metrics = {}
@@ -265,6 +273,21 @@ class Trainer:
         self.last_ckpt = self.counters["env_steps"]
         # (time, env steps, updates) at the last log of training scalars
         self.timer = (time.time(), self.counters["env_steps"], self.counters["updates"])
+
+    def restore(self, checkpoint):
+        """Agent, optimizer, counters and RNG states of a checkpoint (from `load_checkpoint`)."""
+        try:
+            self.agent.load_state_dict(checkpoint["agent"])
+            self.opt.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = next((line for line in lines if not line.startswith("Error(s)")), "")[:100]
+            raise ValueError(f"--resume {self.cfg.resume}: its weights do not fit this program's "
+                             f"{self.cfg.model_size} model ({type(e).__name__}: {detail})") from None
+        self.counters.update(checkpoint["counters"])
+        restore_rng(checkpoint.get("rng"))
+        if "replay" in checkpoint.get("rng", {}):
+            self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
 
     # -- steps of the loop ----------------------------------------------------------------------
 
@@ -330,7 +353,7 @@ class Trainer:
                     self.video_frames.append(self.obs[0].copy())  # the episode's last frame
                     path = os.path.join(self.cfg.run_dir, "videos",
                                         f"episode_{self.env0_episodes:06d}_step_{step}.mp4")
-                    self.logger.video(step, "episode/video", write_video(path, self.video_frames))
+                    self.write_media(step, "episode/video", write_video, path, self.video_frames)
                 self.video_frames = None
                 self.env0_episodes += 1
 
@@ -361,7 +384,18 @@ class Trainer:
         step = self.counters["env_steps"]
         for name, image in (("reconstruction", rec_img), ("openloop", ol_img)):
             path = os.path.join(self.cfg.run_dir, "images", f"{name}_{step:09d}.png")
-            self.logger.image(step, f"images/{name}", write_image(path, image))
+            self.write_media(step, f"images/{name}", write_image, path, image)
+
+    def write_media(self, step, name, write, path, data):
+        """Write a video or image and log it; a failure (disk, codec) warns, training goes on."""
+        from utils import warn
+
+        try:
+            write(path, data)
+        except Exception as e:
+            warn(f"could not write {path} ({type(e).__name__}: {e}); training continues")
+            return
+        (self.logger.video if path.endswith(".mp4") else self.logger.image)(step, name, path)
 
     def save(self):
         from utils import save_checkpoint
@@ -407,7 +441,9 @@ def update(agent, opt, batch, loss_fn=None, autocast=None):
                                                   batch["is_terminal"])
     opt.zero_grad(set_to_none=True)
     total.backward()
-    metrics["opt/grad_norm"] = torch.nn.utils.clip_grad_norm_(agent.parameters(), float("inf"))
+    for group, params in zip(("wm", "actor", "critic"), opt.param_groups):
+        metrics[f"opt/grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(params["params"],
+                                                                           float("inf"))
     opt.step()
     agent.update_slow_critic()
     return metrics
@@ -506,9 +542,11 @@ def train(trainer):
         interrupted = True
     finally:
         bar.close()
-        if not interrupted:
-            trainer.save()
-        trainer.close()
+        try:
+            if not interrupted:
+                trainer.save()
+        finally:
+            trainer.close()
     if interrupted:
         print("stopped without saving; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
@@ -538,7 +576,8 @@ def prepare(cfg, given=None):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
-    apply_presets(cfg, given)
+    else:  # a resumed run keeps the values its presets gave it
+        apply_presets(cfg, given)
     check_config(cfg)
     if not cfg.run_dir:
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
@@ -547,8 +586,7 @@ def prepare(cfg, given=None):
     if checkpoint is None and os.path.exists(existing):
         raise ValueError(f"--run_dir {cfg.run_dir} already holds a checkpoint; continue it with "
                          f"--resume {existing} or choose another --run_dir")
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    return checkpoint
+    return checkpoint  # the run directory is made by the Logger, once every check has passed
 
 
 def main(argv=None):

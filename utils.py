@@ -129,19 +129,19 @@ class Logger:
         self._wandb_log(metrics, step)
 
     def video(self, step, name, path):
-        if self.wandb is not None:
-            import wandb
-            self._wandb_log({name: wandb.Video(path, format="mp4")}, step)
+        self._wandb_log(lambda wandb: {name: wandb.Video(path, format="mp4")}, step)
 
     def image(self, step, name, path):
-        if self.wandb is not None:
-            import wandb
-            self._wandb_log({name: wandb.Image(path)}, step)
+        self._wandb_log(lambda wandb: {name: wandb.Image(path)}, step)
 
     def _wandb_log(self, data, step):
+        """data: a dict, or a function of the wandb module giving one (media objects)."""
         if self.wandb is None:
             return
         try:
+            if callable(data):
+                import wandb
+                data = data(wandb)
             self.wandb.log(data, step=int(step))
         except Exception as e:
             warn(f"wandb log failed ({type(e).__name__}); continuing with metrics.jsonl only")

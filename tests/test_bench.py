@@ -49,3 +49,15 @@ def test_replay_memory():
     assert r["nominal_bytes"] == 2000 * 12288
     assert 12288 <= r["bytes_per_step"] <= 12400
     assert 0.9 <= r["ratio_to_nominal"] <= 1.2
+
+
+def test_return_curve_averages_the_last_ten_episodes(tmp_path):
+    rows = [{"step": 0, "time": 100.0, "loss/rec": 1.0}]
+    rows += [{"step": 10 * i, "time": 100.0 + i, "episode/return": float(i)} for i in range(1, 13)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv_path = tmp_path / "curve.csv"
+    final = run_bench("return_curve.py", str(tmp_path), "--csv", str(csv_path))
+    # Episodes 3..12 are the last ten: mean 7.5, 12 s after the first line.
+    assert (final["episodes"], final["step"], final["wall_s"], final["mean_return"]) == (12, 120, 12.0, 7.5)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "step,wall_s,mean_return" and lines[1] == "10,1.0,1.0" and len(lines) == 13

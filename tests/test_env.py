@@ -1,9 +1,15 @@
 """Data conventions through the real collection path, on scripted envs and on real ALE Pong."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import train
 from env import check_env_id, make_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def trainer_for(env_id, tmp_path, num_envs=2, **kw):
@@ -104,3 +110,16 @@ def test_unknown_env_is_a_clear_error(env_id):
 def test_unknown_game_names_close_matches():
     with pytest.raises(ValueError, match="ALE/Pong-v5"):
         check_env_id("ALE/Pongg-v5")
+
+
+def test_process_exits_with_env_workers_still_open():
+    """Workers ignore SIGTERM (the trainer handles it); a process that exits, or fails, without
+    closing its vector env must still end rather than wait for them."""
+    code = ("from env import make_vector_env\n"
+            "envs = make_vector_env('tests.catch:Catch-v0', 2)\n"
+            "envs.reset(seed=0)\n"
+            "raise SystemExit(3)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -287,7 +287,8 @@ def test_full_loss_and_update_change_parameters_and_stay_finite():
     assert all(not torch.equal(a, p) for a, p in zip(before, agent.parameters()))
     for key in ["loss/rec", "loss/rew", "loss/con", "loss/dyn", "loss/rep", "loss/policy",
                 "loss/value", "loss/repval", "actor/entropy", "actor/return_scale",
-                "wm/prior_entropy", "wm/post_entropy", "opt/grad_norm"]:
+                "wm/prior_entropy", "wm/post_entropy", "opt/grad_norm_wm",
+                "opt/grad_norm_actor", "opt/grad_norm_critic"]:
         assert key in metrics
 
 

@@ -104,9 +104,11 @@ def test_trainer_restores_optimizer_normaliser_and_counters(tmp_path):
     (["--env", "ALE/Pong-v5", "--resume", "/nonexistent/checkpoint.pt"], "no such checkpoint"),
     (["--env", "ALE/Pong-v5", "--capacity", str(10**12), "--num_envs", "1"], "lower --capacity"),
     (["--env", "CartPole-v1"], "must be RGB images"),
+    (["--env", "ALE/Pong-v5", "--sequence_length", "1"], "--sequence_length must be at least 2"),
 ])
-def test_bad_input_is_one_line_error(args, message):
-    result = run_train(*args, "--run_dir", "/tmp/never-used", timeout=120)
+def test_bad_input_is_one_line_error(tmp_path, args, message):
+    result = run_train(*args, "--run_dir", str(tmp_path / "run"), timeout=120)
+    assert not (tmp_path / "run").exists()  # nothing is created for a run that cannot start
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -127,6 +129,65 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path):
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
     assert bad.read_bytes() == b"not a checkpoint at all"  # the user's file is left alone
+
+
+def fake_checkpoint(path, agent_state, **config):
+    cfg = dataclasses.asdict(train.Config(**config))
+    torch.save(dict(agent=agent_state, optimizer={}, counters={}, config=cfg), path)
+    return str(path)
+
+
+def test_checkpoint_of_another_model_is_one_line_error_and_exits(tmp_path):
+    """The env workers are already running when the weights are loaded: the error must still
+    be one line, and the process must exit instead of waiting for the workers."""
+    path = fake_checkpoint(tmp_path / "checkpoint.pt", {"bogus": torch.zeros(1)},
+                           env="tests.catch:Catch-v0", model_size="tiny", num_envs=2)
+    result = run_train("--resume", path, "--wandb_mode", "disabled", timeout=120)
+    assert result.returncode == 2 and "do not fit this program's tiny model" in result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len([line for line in lines if not line.startswith("warning")]) == 1
+
+
+def test_resumed_atari100k_run_keeps_the_values_it_was_saved_with(tmp_path):
+    path = fake_checkpoint(tmp_path / "checkpoint.pt", {}, env="ALE/Pong-v5", atari100k=True,
+                           num_envs=1, sticky_actions=0.0, total_steps=200_000, train_ratio=128)
+    cfg, given = train.parse_args(["--resume", path])
+    train.prepare(cfg, given)
+    assert (cfg.atari100k, cfg.total_steps, cfg.train_ratio) == (True, 200_000, 128)
+
+
+def test_on_off_flags_can_be_switched_off():
+    cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--no-atari100k", "--no-compile"])
+    assert (cfg.atari100k, cfg.compile) == (False, False)
+    assert {"atari100k", "compile"} <= given
+
+
+def test_logging_failures_never_stop_training(tmp_path, capsys):
+    from utils import Logger
+
+    class Run:  # stands in for a live wandb run
+        id, logged = "x", []
+
+        def log(self, data, step):
+            self.logged.append(data)
+
+    logger = Logger(str(tmp_path), {}, "disabled")
+    logger.wandb = Run()
+    logger.scalars(1, {"a": 1.0})
+    logger.video(2, "episode/video", str(tmp_path / "missing.mp4"))  # wandb.Video raises
+    assert logger.wandb is None and "wandb log failed" in capsys.readouterr().err
+    logger.scalars(3, {"a": 2.0})  # metrics.jsonl goes on
+    logger.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+    def broken_writer(path, data):
+        raise OSError("disk full")
+
+    trainer = train.Trainer.__new__(train.Trainer)
+    trainer.logger = logger
+    trainer.write_media(4, "episode/video", broken_writer, str(tmp_path / "v.mp4"), None)
+    assert "could not write" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag():
