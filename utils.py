@@ -119,6 +119,11 @@ class Logger:
                 warn(f"wandb online init failed ({type(e).__name__}); logging offline instead")
                 self.wandb = wandb.init(**{**kwargs, "mode": "offline"})
             self.run_id = self.wandb.id
+            # Charts use the agent step as their x-axis, not wandb's own step: after a resume
+            # from an older checkpoint (the process was killed) the agent step goes back, and
+            # wandb would drop every point logged at a step below its last one.
+            self.wandb.define_metric("agent_step")
+            self.wandb.define_metric("*", step_metric="agent_step")
         except Exception as e:
             warn(f"wandb unavailable ({type(e).__name__}: {e}); logging to metrics.jsonl only")
             self.wandb = None
@@ -142,7 +147,7 @@ class Logger:
             if callable(data):
                 import wandb
                 data = data(wandb)
-            self.wandb.log(data, step=int(step))
+            self.wandb.log({**data, "agent_step": int(step)})
         except Exception as e:
             warn(f"wandb log failed ({type(e).__name__}); continuing with metrics.jsonl only")
             self.wandb = None

@@ -169,12 +169,13 @@ def test_logging_failures_never_stop_training(tmp_path, capsys):
     class Run:  # stands in for a live wandb run
         id, logged = "x", []
 
-        def log(self, data, step):
+        def log(self, data):
             self.logged.append(data)
 
     logger = Logger(str(tmp_path), {}, "disabled")
     logger.wandb = Run()
     logger.scalars(1, {"a": 1.0})
+    assert Run.logged == [{"a": 1.0, "agent_step": 1}]
     logger.video(2, "episode/video", str(tmp_path / "missing.mp4"))  # wandb.Video raises
     assert logger.wandb is None and "wandb log failed" in capsys.readouterr().err
     logger.scalars(3, {"a": 2.0})  # metrics.jsonl goes on
