@@ -12,10 +12,12 @@ import difflib
 import importlib
 import multiprocessing
 import signal
+import weakref
 
 import cv2
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector.async_vector_env import AsyncState
 
 IMAGE_SIZE = 64
 
@@ -141,8 +143,14 @@ class VectorEnv(gym.vector.AsyncVectorEnv):
     """AsyncVectorEnv whose forced close (an error, garbage collection, interpreter exit) kills
     the workers: they ignore SIGTERM, so the stock terminate-and-join would wait forever."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _OPEN.add(self)
+
     def close_extras(self, timeout=None, terminate=False):
         if terminate:
+            # Dead workers cannot answer a pending step or reset: do not wait for one.
+            self._state = AsyncState.DEFAULT
             _kill(self.processes)
         super().close_extras(timeout, terminate)
 
@@ -153,17 +161,22 @@ def _kill(processes):
             process.kill()
 
 
+_OPEN = weakref.WeakSet()  # vector envs not yet garbage-collected
+
+
+@atexit.register  # runs before multiprocessing's exit handler, which would SIGTERM and wait
+def _kill_open_workers():
+    for envs in list(_OPEN):
+        _kill(envs.processes)
+
+
 def make_vector_env(env_id, num_envs, sticky=0.25, asynchronous=True):
     """gymnasium vector env with next-step autoreset (the gymnasium ≥ 1.0 default)."""
     thunks = [make_env(env_id, sticky) for _ in range(num_envs)]
     mode = gym.vector.AutoresetMode.NEXT_STEP
-    if not asynchronous:
-        return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
-    envs = VectorEnv(thunks, shared_memory=True, autoreset_mode=mode)
-    # Runs before multiprocessing's own exit handler (registered earlier), which would send
-    # SIGTERM to the workers and then wait for them.
-    atexit.register(_kill, list(envs.processes))
-    return envs
+    if asynchronous:
+        return VectorEnv(thunks, shared_memory=True, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
 
 
 class Episodes:

@@ -257,14 +257,15 @@ class Trainer:
             if checkpoint is not None:
                 self.restore(checkpoint)
                 run_id = run_id or checkpoint.get("wandb_id")
+            self.obs, _ = self.envs.reset(seed=cfg.seed + 1000 * self.counters["updates"])
+            self.episodes = Episodes(cfg.num_envs)
+            self.state = self.agent.initial_state(cfg.num_envs, self.device)
+            # Last: the Logger makes the run directory, which must not exist for a failed start.
             self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
                                  cfg.wandb_key, run_id, cfg.wandb_project)
-            self.obs, _ = self.envs.reset(seed=cfg.seed + 1000 * self.counters["updates"])
         except BaseException:
             self.envs.close(terminate=True)
             raise
-        self.episodes = Episodes(cfg.num_envs)
-        self.state = self.agent.initial_state(cfg.num_envs, self.device)
         self.recent_returns = []
         self.train_metrics = {}
         self.video_frames = None
@@ -279,7 +280,7 @@ class Trainer:
         try:
             self.agent.load_state_dict(checkpoint["agent"])
             self.opt.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = next((line for line in lines if not line.startswith("Error(s)")), "")[:100]
             raise ValueError(f"--resume {self.cfg.resume}: its weights do not fit this program's "
@@ -571,8 +572,8 @@ def prepare(cfg, given=None):
             for f in dataclasses.fields(Config):
                 if f.name in saved and f.name not in given | {"resume", "resume_wandb_id", "run_dir"}:
                     setattr(cfg, f.name, saved[f.name])
-        for key in ("env", "model_size"):
-            if saved.get(key) != getattr(cfg, key):
+        for key in ("env", "model_size", "atari100k"):  # atari100k's values are set at the start
+            if saved.get(key, False) != getattr(cfg, key):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))

@@ -46,6 +46,7 @@ def test_smoke_run_leaves_checkpoint_logs_video_and_images(smoke_run):
     assert any(i.startswith("openloop") for i in images)
     offline = [d for d in os.listdir(os.path.join(run_dir, "wandb")) if d.startswith("offline-run")]
     assert offline, "offline wandb run files are missing"
+    assert "wandb" not in result.stderr and "could not write" not in result.stderr
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     episodes = [r for r in rows if "episode/return" in r]
     assert episodes and all(-21 <= r["episode/return"] <= 21 for r in episodes)
@@ -149,12 +150,28 @@ def test_checkpoint_of_another_model_is_one_line_error_and_exits(tmp_path):
     assert len([line for line in lines if not line.startswith("warning")]) == 1
 
 
+def test_failed_start_stops_the_env_workers(tmp_path):
+    import multiprocessing
+
+    path = fake_checkpoint(tmp_path / "checkpoint.pt", {"bogus": torch.zeros(1)},
+                           env="tests.catch:Catch-v0", model_size="tiny", num_envs=2)
+    cfg, given = train.parse_args(["--resume", path, "--wandb_mode", "disabled", "--capacity",
+                                   "1000", "--run_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="do not fit"):
+        train.Trainer(cfg, train.prepare(cfg, given))
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "run").exists()
+
+
 def test_resumed_atari100k_run_keeps_the_values_it_was_saved_with(tmp_path):
     path = fake_checkpoint(tmp_path / "checkpoint.pt", {}, env="ALE/Pong-v5", atari100k=True,
                            num_envs=1, sticky_actions=0.0, total_steps=200_000, train_ratio=128)
     cfg, given = train.parse_args(["--resume", path])
     train.prepare(cfg, given)
     assert (cfg.atari100k, cfg.total_steps, cfg.train_ratio) == (True, 200_000, 128)
+    cfg, given = train.parse_args(["--resume", path, "--no-atari100k"])
+    with pytest.raises(ValueError, match="atari100k"):
+        train.prepare(cfg, given)
 
 
 def test_on_off_flags_can_be_switched_off():
