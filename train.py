@@ -354,7 +354,8 @@ class Trainer:
                     self.video_frames.append(self.obs[0].copy())  # the episode's last frame
                     path = os.path.join(self.cfg.run_dir, "videos",
                                         f"episode_{self.env0_episodes:06d}_step_{step}.mp4")
-                    self.write_media(step, "episode/video", write_video, path, self.video_frames)
+                    self.write_media(write_video, path, self.video_frames, self.logger.video, step,
+                                     "episode/video")
                 self.video_frames = None
                 self.env0_episodes += 1
 
@@ -385,9 +386,9 @@ class Trainer:
         step = self.counters["env_steps"]
         for name, image in (("reconstruction", rec_img), ("openloop", ol_img)):
             path = os.path.join(self.cfg.run_dir, "images", f"{name}_{step:09d}.png")
-            self.write_media(step, f"images/{name}", write_image, path, image)
+            self.write_media(write_image, path, image, self.logger.image, step, f"images/{name}")
 
-    def write_media(self, step, name, write, path, data):
+    def write_media(self, write, path, data, log, step, name):
         """Write a video or image and log it; a failure (disk, codec) warns, training goes on."""
         from utils import warn
 
@@ -396,7 +397,7 @@ class Trainer:
         except Exception as e:
             warn(f"could not write {path} ({type(e).__name__}: {e}); training continues")
             return
-        (self.logger.video if path.endswith(".mp4") else self.logger.image)(step, name, path)
+        log(step, name, path)
 
     def save(self):
         from utils import save_checkpoint

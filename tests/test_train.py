@@ -204,7 +204,8 @@ def test_logging_failures_never_stop_training(tmp_path, capsys):
 
     trainer = train.Trainer.__new__(train.Trainer)
     trainer.logger = logger
-    trainer.write_media(4, "episode/video", broken_writer, str(tmp_path / "v.mp4"), None)
+    trainer.write_media(broken_writer, str(tmp_path / "v.mp4"), None, logger.video, 4,
+                        "episode/video")
     assert "could not write" in capsys.readouterr().err
 
 
