@@ -1,11 +1,12 @@
 """Environments: Atari preprocessing, generic image envs, the vector env and episode bookkeeping.
 
-Atari follows SPEC.md: the ALE runs with frameskip 1 and sticky actions 0.25 (per frame), we
+Atari follows DreamerV3's Atari setting: the ALE runs with frameskip 1 and sticky actions 0.25 (per frame), we
 repeat each action 4 times and max-pool the last two frames, resize to 64×64 RGB with
 INTER_AREA, start with up to 30 no-ops, cap episodes at 108,000 frames, never clip rewards and
 ignore lives. gymnasium ≥ 1.0 vector envs autoreset on the step AFTER an episode ends; the
 `Episodes` bookkeeping turns that into the stored-step convention (reward and flags arrive with
-the observation, the reset step is `is_first` with reward 0).
+the observation, the reset step is `is_first` with reward 0), and `Collector` is the one place
+where a step is acted on, stored and sent to the envs.
 """
 import atexit
 import difflib
@@ -207,3 +208,44 @@ class Episodes:
         self.lengths = np.where(self.is_first, 0, self.lengths + 1)
         return [(i, float(self.returns[i]), int(self.lengths[i]))
                 for i in np.flatnonzero(self.is_last)]
+
+
+class Collector:
+    """The collection step, written once: act on o_t → store the step → step the envs → flags.
+
+    The trainer, the evaluation, the benchmarks and the tests all collect through it. A stored
+    step holds o_t, the reward and flags that arrived with o_t (from `Episodes`) and a_t, the
+    action chosen at o_t. `step` is `send` followed by `receive`; a caller may do other work
+    (updates) between the two while the env workers step.
+    """
+
+    def __init__(self, envs, seed=0):
+        self.envs = envs
+        self.episodes = Episodes(envs.num_envs)
+        self.obs, _ = envs.reset(seed=seed)
+
+    def send(self, policy, store=None):
+        """Choose a_t = policy(o_t, is_first) (an int array), store the step with
+        `store(obs, action=..., reward=..., is_first=..., is_last=..., is_terminal=...)`, and
+        send the actions to the envs."""
+        ep = self.episodes
+        action = policy(self.obs, ep.is_first)
+        if store is not None:
+            store(self.obs, action=action, reward=ep.reward, is_first=ep.is_first,
+                  is_last=ep.is_last, is_terminal=ep.is_terminal)
+        if hasattr(self.envs, "step_async"):
+            self.envs.step_async(action)
+        else:  # a synchronous vector env steps in receive()
+            self.pending = action
+
+    def receive(self):
+        """Wait for the envs; returns [(env index, return, length)] of the episodes that ended."""
+        if hasattr(self.envs, "step_wait"):
+            self.obs, reward, terminated, truncated, _ = self.envs.step_wait()
+        else:
+            self.obs, reward, terminated, truncated, _ = self.envs.step(self.pending)
+        return self.episodes.step(reward, terminated, truncated)
+
+    def step(self, policy, store=None):
+        self.send(policy, store)
+        return self.receive()

@@ -45,6 +45,13 @@ def sample_onehot(logprobs):
     return onehot + probs - probs.detach()
 
 
+def previous_actions(action, num_actions):
+    """One-hot a_{t−1} for every step of stored actions (B, T): the action stored with o_t is the
+    one chosen AT o_t, and the RSSM consumes the one before it (zero at the window's start)."""
+    onehot = F.one_hot(action, num_actions).float()
+    return torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+
+
 def categorical_kl(logp, logq):
     """KL(p || q) for categorical log-probabilities, summed over the last axis."""
     return (logp.exp() * (logp - logq)).sum(-1)
@@ -84,6 +91,7 @@ class TwoHot(nn.Module):
     def __init__(self, bins=255, low=-20.0, high=20.0):
         super().__init__()
         assert bins % 2 == 1 and low == -high
+        self.num_bins = bins
         # Built from one half so that the bins are exactly symmetric and the middle one is 0.
         half = symexp(torch.linspace(0.0, high, bins // 2 + 1, dtype=torch.float64))
         self.register_buffer("bins", torch.cat([-half[1:].flip(0), half]).float(), persistent=False)
@@ -119,9 +127,11 @@ class Normalize(nn.Module):
     zero, so the scale starts at the floor of 1 and grows over the first ~100 updates.
     """
 
-    def __init__(self, rate=0.01, limit=1.0, lo=5.0, hi=95.0):
+    def __init__(self, rate=0.01, limit=1.0, low_percentile=5.0, high_percentile=95.0):
         super().__init__()
-        self.rate, self.limit, self.qlo, self.qhi = rate, limit, lo / 100, hi / 100
+        self.rate, self.limit = rate, limit
+        self.qlo, self.qhi = low_percentile / 100, high_percentile / 100
+        # EMAs of the two percentiles.
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
 
@@ -297,6 +307,11 @@ class RSSM(nn.Module):
     def feat_dim(self):
         return self.deter + self.stoch * self.classes
 
+    @staticmethod
+    def feat(deter, stoch):
+        """The model state the heads, actor and critic see: deter and stoch side by side."""
+        return torch.cat([deter, stoch], -1)
+
     def initial(self, n, device):
         return (torch.zeros(n, self.deter, device=device),
                 torch.zeros(n, self.stoch * self.classes, device=device))
@@ -362,7 +377,7 @@ class RSSM(nn.Module):
         state t (the last one is never executed)."""
         feats, actions = [], []
         for t in range(horizon + 1):
-            feat = torch.cat([deter, stoch], -1)
+            feat = self.feat(deter, stoch)
             action = policy(feat)
             feats.append(feat)
             actions.append(action)
@@ -393,17 +408,17 @@ class Dreamer(nn.Module):
         self.num_actions, self.horizon, self.discount, self.lam = num_actions, horizon, discount, lam
         self.free_nats, self.actent, self.slow_rate, self.slowreg = free_nats, actent, slow_rate, slowreg
         self.mix = unimix
+        self.twohot = TwoHot()
         self.encoder = Encoder(depth, image_size=image_size)
         self.rssm = RSSM(num_actions, self.encoder.out_dim, deter, hidden, stoch, classes, blocks,
                          unimix)
         feat = self.rssm.feat_dim
         self.decoder = Decoder(feat, depth, image_size=image_size)
-        self.reward_head = MLP(feat, 255, units, head_layers, outscale=0.0)
+        self.reward_head = MLP(feat, self.twohot.num_bins, units, head_layers, outscale=0.0)
         self.cont_head = MLP(feat, 1, units, head_layers)
         self.actor = MLP(feat, num_actions, units, mlp_layers, outscale=0.01)
-        self.critic = MLP(feat, 255, units, mlp_layers, outscale=0.0)
+        self.critic = MLP(feat, self.twohot.num_bins, units, mlp_layers, outscale=0.0)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.twohot = TwoHot()
         self.retnorm = Normalize()
 
     # Parameter groups so that --lr, --actor_lr and --critic_lr can differ.
@@ -428,7 +443,7 @@ class Dreamer(nn.Module):
         """obs (N, 64, 64, 3) uint8, is_first (N,) → action indices (N,), new state."""
         deter, stoch, prev_action = state
         deter, stoch, _ = self.rssm.obs_step(deter, stoch, prev_action, self.encoder(obs), is_first)
-        logp = self.policy_logprobs(torch.cat([deter, stoch], -1))
+        logp = self.policy_logprobs(self.rssm.feat(deter, stoch))
         action = logp.argmax(-1) if greedy else torch.distributions.Categorical(logits=logp).sample()
         onehot = F.one_hot(action, self.num_actions).to(deter.dtype)
         return action, (deter, stoch, onehot)
@@ -443,13 +458,12 @@ class Dreamer(nn.Module):
         return dyn.clamp(min=self.free_nats), rep.clamp(min=self.free_nats)
 
     def world_model_loss(self, obs, action, reward, is_first, is_terminal):
-        """Per-(B, T) losses of the world model and the posterior states."""
-        onehot = F.one_hot(action, self.num_actions).float()
-        # The RSSM consumes a_{t−1}: the action stored with o_t is the one chosen AT o_t.
-        prev_action = torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+        """Per-(B, T) losses of the world model, the posterior states (dict of deter, stoch and
+        feat, each (B, T, ·)) and metrics."""
+        prev_action = previous_actions(action, self.num_actions)
         embed = self.encoder(obs)
         deter, stoch, post, prior = self.rssm.observe(embed, prev_action, is_first)
-        feat = torch.cat([deter, stoch], -1)
+        feat = self.rssm.feat(deter, stoch)
         recon = self.decoder(feat)
         target = obs.float() / 255.0
         losses = {}
@@ -463,12 +477,11 @@ class Dreamer(nn.Module):
             "wm/prior_entropy": categorical_entropy(prior).sum(-1).mean(),
             "wm/post_entropy": categorical_entropy(post).sum(-1).mean(),
         }
-        return losses, feat, metrics
+        return losses, dict(deter=deter, stoch=stoch, feat=feat), metrics
 
-    def imagine(self, feat):
-        """Imagine `horizon` steps from every replayed posterior state (no gradients: the
-        actor-critic losses must not reach the world model)."""
-        deter, stoch = feat.detach().split([self.rssm.deter, feat.shape[-1] - self.rssm.deter], -1)
+    def imagine(self, deter, stoch):
+        """Imagine `horizon` steps from every replayed posterior state (B, T, ·) (no gradients:
+        the actor-critic losses must not reach the world model)."""
         with torch.no_grad():
             return self.rssm.imagine(deter.reshape(-1, deter.shape[-1]),
                                      stoch.reshape(-1, stoch.shape[-1]), self.sample_action,
@@ -526,8 +539,9 @@ class Dreamer(nn.Module):
         """All losses of one update. Batch tensors are (B, T, ...). Returns the scaled total and
         the metrics dict (detached scalars)."""
         B, T = action.shape
-        losses, feat, metrics = self.world_model_loss(obs, action, reward, is_first, is_terminal)
-        feats, actions = self.imagine(feat)
+        losses, post, metrics = self.world_model_loss(obs, action, reward, is_first, is_terminal)
+        feat = post["feat"]
+        feats, actions = self.imagine(post["deter"], post["stoch"])
         beh, ret, beh_metrics = self.behavior_loss(feats, actions)
         losses.update(beh)
         boot = ret[:, 0].reshape(B, T).detach()
@@ -544,6 +558,21 @@ class Dreamer(nn.Module):
     def update_slow_critic(self):
         for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
             slow.lerp_(fast, self.slow_rate)
+
+
+class AgentPolicy:
+    """The agent acting in a vector env: numpy frames and is_first flags in, numpy actions out.
+    Holds each env's recurrent state (deter, stoch, previous action) between steps."""
+
+    def __init__(self, agent, num_envs, device, greedy=False):
+        self.agent, self.device, self.greedy = agent, device, greedy
+        self.state = agent.initial_state(num_envs, device)
+
+    def __call__(self, obs, is_first):
+        action, self.state = self.agent.act(torch.as_tensor(obs, device=self.device),
+                                            torch.as_tensor(is_first, device=self.device),
+                                            self.state, self.greedy)
+        return action.cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,13 +634,12 @@ def openloop(agent, obs, action, is_first, context=5):
     from the posterior and imagined frames (N, T − context, 64, 64, 3) from the prior driven by
     the replayed actions, both in [0, 1].
     """
-    onehot = F.one_hot(action, agent.num_actions).float()
-    prev_action = torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+    prev_action = previous_actions(action, agent.num_actions)
     deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first)
-    recon = agent.decoder(torch.cat([deter, stoch], -1))
+    recon = agent.decoder(agent.rssm.feat(deter, stoch))
     d, s = deter[:, context - 1], stoch[:, context - 1]
     feats = []
     for t in range(context, obs.shape[1]):
         d, s, _ = agent.rssm.img_step(d, s, prev_action[:, t])
-        feats.append(torch.cat([d, s], -1))
+        feats.append(agent.rssm.feat(d, s))
     return recon, agent.decoder(torch.stack(feats, 1))

@@ -4,7 +4,7 @@
 
 The loop: collect one step in every env → store it in the replay → run as many updates as the
 train ratio asks (world model, imagination, actor-critic in one optimizer step) → log →
-checkpoint. See README.md for the flags and SPEC.md for the algorithm.
+checkpoint. See README.md for the flags and for how the code follows DreamerV3.
 """
 import argparse
 import contextlib
@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from env import Collector, check_env, make_vector_env
+from model import AgentPolicy, Dreamer, LaProp, openloop
+from replay import Replay
+from utils import Logger, load_checkpoint, panels, save_checkpoint, write_image, write_media, write_video
 
 SIZES = {  # --model_size presets (stoch is always 32 latents)
     "tiny": dict(deter=128, hidden=64, classes=8, depth=8, units=64),
@@ -57,9 +63,11 @@ class Config:
     image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
     log_interval: int = arg(1000, "agent steps between logged training scalars")
     checkpoint_interval: int = arg(50_000, "agent steps between checkpoints (also written at the end and on Ctrl-C)")
-    run_dir: str = arg("", "where checkpoint.pt, metrics.jsonl, videos and images go (default runs/<game>-<time>, or the checkpoint's folder on resume)")
+    run_dir: str = arg("", "where checkpoint.pt, metrics.jsonl, videos and images go "
+                           "(default runs/<game>-<time>, or the checkpoint's folder on resume)")
     wandb_key: str = arg("", "file holding a wandb API key; with it the run logs online")
-    wandb_mode: str = arg("offline", "wandb mode without a key: offline (local files) or disabled; online needs --wandb_key")
+    wandb_mode: str = arg("offline", "wandb mode without a key: offline (local files) or disabled; "
+                                     "online needs --wandb_key")
     wandb_project: str = arg("dreamerv3-atari", "wandb project name")
     resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id)")
     resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
@@ -92,8 +100,6 @@ def parse_args(argv=None):
 
 def check_config(cfg):
     """Raise ValueError with one line for values that cannot work, before anything starts."""
-    from env import check_env
-
     positive = ["num_envs", "total_steps", "capacity", "batch_size", "imagination_horizon",
                 "train_ratio"]
     for name in positive:
@@ -155,73 +161,38 @@ def pick_device(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Replay
+# Schedules
 
 
-def available_memory():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+class UpdateSchedule:
+    """How many updates the train ratio asks for: every agent step earns
+    train_ratio / (batch_size · sequence_length) updates, run whole as the credit reaches them;
+    the remainder carries over (and is saved in the checkpoint)."""
+
+    def __init__(self, train_ratio, batch_size, sequence_length, credit=0.0):
+        self.train_ratio, self.batch_steps = train_ratio, batch_size * sequence_length
+        self.credit = credit
+
+    def __call__(self, agent_steps):
+        self.credit += agent_steps * self.train_ratio / self.batch_steps
+        due = 0
+        while self.credit >= 1:
+            self.credit -= 1
+            due += 1
+        return due
 
 
-class Replay:
-    """One preallocated uint8 ring per environment; uniform sampling of fixed-length windows.
+class Every:
+    """Due once `interval` agent steps have passed since it was last due (interval 0: never)."""
 
-    A window may span an episode boundary (is_first inside it resets the RSSM); its first step
-    is always marked is_first, because the model starts every window from the zero state.
-    """
+    def __init__(self, interval, last=0):
+        self.interval, self.last = interval, last
 
-    FIELDS = dict(action=np.int64, reward=np.float32, is_first=bool, is_last=bool, is_terminal=bool)
-
-    def __init__(self, capacity, num_envs, obs_shape=(64, 64, 3), seed=0):
-        self.num_envs, self.length = num_envs, capacity // num_envs
-        step_bytes = int(np.prod(obs_shape)) + sum(np.dtype(t).itemsize for t in self.FIELDS.values())
-        need, avail = self.length * num_envs * step_bytes, available_memory()
-        if avail is not None and need > avail:
-            raise ValueError(f"--capacity {capacity} needs {need / 2**30:.1f} GiB of replay but only "
-                             f"{avail / 2**30:.1f} GiB is available; lower --capacity")
-        self.obs = np.zeros((num_envs, self.length, *obs_shape), np.uint8)
-        self.data = {k: np.zeros((num_envs, self.length), t) for k, t in self.FIELDS.items()}
-        self.pos = 0  # next write index (all env rings advance together)
-        self.filled = 0
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self):
-        return self.filled * self.num_envs
-
-    @property
-    def bytes_per_step(self):
-        total = self.obs.nbytes + sum(v.nbytes for v in self.data.values())
-        return total / (self.num_envs * self.length)
-
-    def add(self, obs, **step):
-        """Store one step of every env: obs (E, 64, 64, 3) and per-env fields of shape (E,)."""
-        self.obs[:, self.pos] = obs
-        for k, v in step.items():
-            self.data[k][:, self.pos] = v
-        self.pos = (self.pos + 1) % self.length
-        self.filled = min(self.filled + 1, self.length)
-
-    def can_sample(self, seq_len):
-        return self.filled >= seq_len
-
-    def sample(self, batch, seq_len):
-        """Dict of numpy arrays (batch, seq_len, ...)."""
-        env = self.rng.integers(0, self.num_envs, batch)
-        # Chronological offset of each window within the ring, oldest data first.
-        offset = self.rng.integers(0, self.filled - seq_len + 1, batch)
-        oldest = self.pos if self.filled == self.length else 0
-        index = (oldest + offset[:, None] + np.arange(seq_len)) % self.length  # (B, T)
-        out = {"obs": self.obs[env[:, None], index]}
-        for k, v in self.data.items():
-            out[k] = v[env[:, None], index]
-        out["is_first"][:, 0] = True
-        return out
+    def __call__(self, step):
+        if not self.interval or step - self.last < self.interval:
+            return False
+        self.last = step
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +203,6 @@ class Trainer:
     """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
 
     def __init__(self, cfg, checkpoint=None):
-        from env import Episodes, make_vector_env
-        from utils import Logger
-
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -251,15 +219,14 @@ class Trainer:
             self.num_actions = int(self.envs.single_action_space.n)
             self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
             self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
-            self.counters = dict(env_steps=0, updates=0, episodes=0, train_acc=0.0,
-                                 best_return=None)
+            self.counters = dict(env_steps=0, updates=0, episodes=0, best_return=None)
+            self.updates_due = UpdateSchedule(cfg.train_ratio, cfg.batch_size, cfg.sequence_length)
             run_id = cfg.resume_wandb_id or None
             if checkpoint is not None:
                 self.restore(checkpoint)
                 run_id = run_id or checkpoint.get("wandb_id")
-            self.obs, _ = self.envs.reset(seed=cfg.seed + 1000 * self.counters["updates"])
-            self.episodes = Episodes(cfg.num_envs)
-            self.state = self.agent.initial_state(cfg.num_envs, self.device)
+            self.collector = Collector(self.envs, seed=cfg.seed + 1000 * self.counters["updates"])
+            self.policy = AgentPolicy(self.agent, cfg.num_envs, self.device)
             # Last: the Logger makes the run directory, which must not exist for a failed start.
             self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
                                  cfg.wandb_key, run_id, cfg.wandb_project)
@@ -271,9 +238,12 @@ class Trainer:
         self.video_frames = None
         self.env0_episodes = 0
         self.replay_steps = 0  # steps stored since this process started (replay is not saved)
-        self.last_ckpt = self.counters["env_steps"]
-        # (time, env steps, updates) at the last log of training scalars
-        self.timer = (time.time(), self.counters["env_steps"], self.counters["updates"])
+        step = self.counters["env_steps"]
+        # log_interval 0 logs at every collection step, checkpoint_interval 0 only at the end.
+        self.log_due = Every(max(cfg.log_interval, 1), last=step)
+        self.checkpoint_due = Every(cfg.checkpoint_interval, last=step)
+        # (time, env steps, updates) at the last log of training scalars, for the rates
+        self.since_log = (time.time(), step, self.counters["updates"])
 
     def restore(self, checkpoint):
         """Agent, optimizer, counters and RNG states of a checkpoint (from `load_checkpoint`)."""
@@ -285,7 +255,10 @@ class Trainer:
             detail = next((line for line in lines if not line.startswith("Error(s)")), "")[:100]
             raise ValueError(f"--resume {self.cfg.resume}: its weights do not fit this program's "
                              f"{self.cfg.model_size} model ({type(e).__name__}: {detail})") from None
-        self.counters.update(checkpoint["counters"])
+        counters = dict(checkpoint["counters"])
+        # The update credit was called train_acc in checkpoints of earlier versions.
+        self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
+        self.counters.update(counters)
         restore_rng(checkpoint.get("rng"))
         if "replay" in checkpoint.get("rng", {}):
             self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
@@ -294,27 +267,18 @@ class Trainer:
 
     def collect(self):
         """Act in every env once and store the step; returns finished episodes."""
-        ep = self.episodes
-        obs_t = torch.as_tensor(self.obs, device=self.device)
-        first_t = torch.as_tensor(ep.is_first, device=self.device)
-        action, self.state = self.agent.act(obs_t, first_t, self.state)
-        action = action.cpu().numpy()
-        self.replay.add(self.obs, action=action, reward=ep.reward, is_first=ep.is_first,
-                        is_last=ep.is_last, is_terminal=ep.is_terminal)
         self.record_video_frame()
-        self.obs, reward, terminated, truncated, _ = self.envs.step(action)
-        finished = ep.step(reward, terminated, truncated)
+        finished = self.collector.step(self.policy, self.replay.add)
         self.counters["env_steps"] += self.cfg.num_envs
         self.replay_steps += self.cfg.num_envs
         return finished
 
-    def train_updates(self):
+    def run_updates(self):
+        """The updates that the train ratio asks for after one collection step."""
         cfg = self.cfg
         if self.replay_steps < cfg.learning_starts or not self.replay.can_sample(cfg.sequence_length):
             return
-        self.counters["train_acc"] += cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.sequence_length)
-        while self.counters["train_acc"] >= 1:
-            self.counters["train_acc"] -= 1
+        for _ in range(self.updates_due(cfg.num_envs)):
             batch = self.replay.sample(cfg.batch_size, cfg.sequence_length)
             metrics = self.update(batch)
             for k, v in metrics.items():
@@ -326,20 +290,18 @@ class Trainer:
         return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
 
     def update(self, batch):
-        metrics = update(self.agent, self.opt, self.to_tensors(batch), self.loss_fn, self.autocast)
+        metrics = train_step(self.agent, self.opt, self.to_tensors(batch), self.loss_fn, self.autocast)
         self.counters["updates"] += 1
         return metrics
 
     def record_video_frame(self):
-        if self.episodes.is_first[0] and self.cfg.video_interval:
+        if self.collector.episodes.is_first[0] and self.cfg.video_interval:
             record = self.env0_episodes % self.cfg.video_interval == 0
             self.video_frames = [] if record else None
         if self.video_frames is not None and len(self.video_frames) < 20_000:
-            self.video_frames.append(self.obs[0].copy())
+            self.video_frames.append(self.collector.obs[0].copy())
 
     def log_episodes(self, finished):
-        from utils import write_video
-
         step = self.counters["env_steps"]
         for env_index, ret, length in finished:
             self.counters["episodes"] += 1
@@ -351,16 +313,16 @@ class Trainer:
                                        "episode/count": self.counters["episodes"]})
             if env_index == 0:
                 if self.video_frames:
-                    self.video_frames.append(self.obs[0].copy())  # the episode's last frame
+                    self.video_frames.append(self.collector.obs[0].copy())  # the last frame
                     path = os.path.join(self.cfg.run_dir, "videos",
                                         f"episode_{self.env0_episodes:06d}_step_{step}.mp4")
-                    self.write_media(write_video, path, self.video_frames, self.logger.video, step,
+                    write_media(write_video, path, self.video_frames, self.logger.video, step,
                                      "episode/video")
                 self.video_frames = None
                 self.env0_episodes += 1
 
     def log_train(self):
-        step, (t0, s0, u0) = self.counters["env_steps"], self.timer
+        step, (t0, s0, u0) = self.counters["env_steps"], self.since_log
         now = time.time()
         metrics = {k: float(torch.stack(v).float().mean()) for k, v in self.train_metrics.items()}
         metrics["fps/env"] = (step - s0) / max(now - t0, 1e-9)
@@ -370,13 +332,10 @@ class Trainer:
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
-        self.train_metrics, self.timer = {}, (now, step, self.counters["updates"])
+        self.train_metrics, self.since_log = {}, (now, step, self.counters["updates"])
         return metrics
 
     def log_images(self, batch):
-        from model import openloop
-        from utils import panels, write_image
-
         n, context = min(4, self.cfg.batch_size), min(5, self.cfg.sequence_length - 1)
         b = self.to_tensors({k: v[:n] for k, v in batch.items()})
         recon, imagined = openloop(self.agent, b["obs"], b["action"], b["is_first"], context)
@@ -386,32 +345,19 @@ class Trainer:
         step = self.counters["env_steps"]
         for name, image in (("reconstruction", rec_img), ("openloop", ol_img)):
             path = os.path.join(self.cfg.run_dir, "images", f"{name}_{step:09d}.png")
-            self.write_media(write_image, path, image, self.logger.image, step, f"images/{name}")
-
-    def write_media(self, write, path, data, log, step, name):
-        """Write a video or image and log it; a failure (disk, codec) warns, training goes on."""
-        from utils import warn
-
-        try:
-            write(path, data)
-        except Exception as e:
-            warn(f"could not write {path} ({type(e).__name__}: {e}); training continues")
-            return
-        log(step, name, path)
+            write_media(write_image, path, image, self.logger.image, step, f"images/{name}")
 
     def save(self):
-        from utils import save_checkpoint
-
         save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
             "agent": self.agent.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "counters": dict(self.counters),
+            "counters": dict(self.counters, update_credit=self.updates_due.credit),
             "config": dataclasses.asdict(self.cfg),
             "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
             "wandb_id": self.logger.run_id,
             "num_actions": self.num_actions,
         })
-        self.last_ckpt = self.counters["env_steps"]
+        self.checkpoint_due.last = self.counters["env_steps"]
 
     def close(self):
         self.envs.close()
@@ -420,8 +366,6 @@ class Trainer:
 
 def build_agent(cfg, num_actions, device):
     """The agent of `cfg.model_size` and its optimizer (one LaProp, a parameter group per lr)."""
-    from model import Dreamer, LaProp
-
     agent = Dreamer(num_actions, discount=cfg.discount, lam=cfg.lam,
                     horizon=cfg.imagination_horizon, **SIZES[cfg.model_size]).to(device)
     opt = LaProp([dict(params=list(agent.world_model_parameters()), lr=cfg.lr),
@@ -431,7 +375,7 @@ def build_agent(cfg, num_actions, device):
     return agent, opt
 
 
-def update(agent, opt, batch, loss_fn=None, autocast=None):
+def train_step(agent, opt, batch, loss_fn=None, autocast=None):
     """One optimizer step on all losses (world model, actor, critic, replay value).
 
     batch: dict of tensors (B, T, ...) on the agent's device, as `Replay.sample` gives them.
@@ -454,24 +398,14 @@ def update(agent, opt, batch, loss_fn=None, autocast=None):
 @torch.no_grad()
 def evaluate(agent, env_id, episodes, num_envs=4, seed=0, policy=None):
     """Mean return of `episodes` full episodes with the agent's (sampled) policy, or with
-    `policy(obs) -> actions` when given (e.g. random actions for a baseline)."""
-    from env import Episodes, make_vector_env
-
+    `policy(obs, is_first) -> actions` when given (e.g. random actions for a baseline)."""
     envs = make_vector_env(env_id, num_envs)
     try:
-        obs, _ = envs.reset(seed=seed)
-        ep, returns = Episodes(num_envs), []
-        device = next(agent.parameters()).device if agent is not None else None
-        state = agent.initial_state(num_envs, device) if agent is not None else None
+        if policy is None:
+            policy = AgentPolicy(agent, num_envs, next(agent.parameters()).device)
+        collector, returns = Collector(envs, seed=seed), []
         while len(returns) < episodes:
-            if policy is not None:
-                action = policy(obs)
-            else:
-                action, state = agent.act(torch.as_tensor(obs, device=device),
-                                          torch.as_tensor(ep.is_first, device=device), state)
-                action = action.cpu().numpy()
-            obs, reward, terminated, truncated, _ = envs.step(action)
-            returns += [ret for _, ret, _ in ep.step(reward, terminated, truncated)]
+            returns += [ret for _, ret, _ in collector.step(policy)]
     finally:
         envs.close()
     return float(np.mean(returns[:episodes]))
@@ -517,8 +451,6 @@ class StopFlag:
 
 def train(trainer):
     """The loop: collect → update → log → checkpoint, until total_steps or a stop signal."""
-    from tqdm import tqdm
-
     cfg = trainer.cfg
     flag = StopFlag()
     c, interrupted = trainer.counters, False
@@ -527,17 +459,17 @@ def train(trainer):
     try:
         while c["env_steps"] < cfg.total_steps and not flag.stop:
             finished = trainer.collect()
-            trainer.train_updates()
+            trainer.run_updates()
             trainer.log_episodes(finished)
             bar.update(cfg.num_envs)
-            if c["env_steps"] - trainer.timer[1] >= cfg.log_interval:  # steps since the last log
+            if trainer.log_due(c["env_steps"]):
                 metrics = trainer.log_train()
                 nan = float("nan")
                 last = trainer.recent_returns[-1] if trainer.recent_returns else nan
                 best = c["best_return"] if c["best_return"] is not None else nan
                 bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
                                 ret=f"{last:.1f}", best=f"{best:.1f}")
-            if cfg.checkpoint_interval and c["env_steps"] - trainer.last_ckpt >= cfg.checkpoint_interval:
+            if trainer.checkpoint_due(c["env_steps"]):
                 trainer.save()
     except KeyboardInterrupt:
         # A second signal may land inside an optimizer step: keep the last checkpoint instead.
@@ -563,8 +495,6 @@ def prepare(cfg, given=None):
     On resume, every setting not in `given` (the flags typed on this command line; None means
     all) is taken from the checkpoint, so `--resume checkpoint.pt` alone continues the run.
     """
-    from utils import load_checkpoint
-
     checkpoint = None
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)

@@ -61,6 +61,17 @@ def write_image(path, image):
     return path
 
 
+def write_media(write, path, data, log, step, name):
+    """`write(path, data)` a video or image, then `log(step, name, path)` it; a failure (disk,
+    codec) warns and returns, so that training goes on."""
+    try:
+        write(path, data)
+    except Exception as e:
+        warn(f"could not write {path} ({type(e).__name__}: {e}); training continues")
+        return
+    log(step, name, path)
+
+
 def image_grid(rows):
     """rows: list of (T, H, W, 3) float arrays in [0, 1] → one uint8 image, rows stacked."""
     rows = [np.concatenate(list(r), 1) for r in rows]  # each (H, T·W, 3)

@@ -3,7 +3,8 @@
     python bench/env_speed.py --num_envs 16 --steps 4000              # random actions
     python bench/env_speed.py --num_envs 16 --policy 50m --device cuda
 
-Mirrors train.Trainer.collect without training. Env creation and the first reset are not timed.
+Times env.Collector.step, the same collection step that train.Trainer.collect runs, without
+training. Env creation and the first reset are not timed.
 Prints one JSON line.
 """
 import argparse
@@ -11,12 +12,14 @@ import math
 import sys
 import time
 
-import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 import torch
 
+import common  # noqa: F401  (puts the repo root on sys.path)
 import train
-from env import Episodes, make_vector_env
+from env import Collector, make_vector_env
+from model import AgentPolicy
+from replay import Replay
 
 
 def main(argv=None):
@@ -38,33 +41,24 @@ def main(argv=None):
         train.seed_everything(args.seed)
         iterations = math.ceil(args.steps / args.num_envs)
         # Room for every step, so the replay never wraps (as early in training).
-        replay = train.Replay(args.steps + args.num_envs * 64, args.num_envs, seed=args.seed)
+        replay = Replay(args.steps + args.num_envs * 64, args.num_envs, seed=args.seed)
         envs = make_vector_env(args.env, args.num_envs)
         try:
             num_actions = int(envs.single_action_space.n)
-            device = agent = state = None
-            if args.policy != "none":
+            device = None
+            if args.policy == "none":
+                rng = np.random.default_rng(args.seed)
+                policy = lambda obs, is_first: rng.integers(0, num_actions, len(obs))  # noqa: E731
+            else:
                 device = train.pick_device(args.device)
                 cfg = train.Config(env=args.env, model_size=args.policy)
                 agent, _ = train.build_agent(cfg, num_actions, device)
-                state = agent.initial_state(args.num_envs, device)
-            rng = np.random.default_rng(args.seed)
-            episodes = Episodes(args.num_envs)
-            obs, _ = envs.reset(seed=args.seed)
+                policy = AgentPolicy(agent, args.num_envs, device)  # waits for the GPU each step
+            collector = Collector(envs, seed=args.seed)
 
             start = time.perf_counter()
             for _ in range(iterations):
-                if agent is None:
-                    action = rng.integers(0, num_actions, args.num_envs)
-                else:
-                    obs_t = torch.as_tensor(obs, device=device)
-                    first_t = torch.as_tensor(episodes.is_first, device=device)
-                    action, state = agent.act(obs_t, first_t, state)
-                    action = action.cpu().numpy()  # also waits for the GPU
-                replay.add(obs, action=action, reward=episodes.reward, is_first=episodes.is_first,
-                           is_last=episodes.is_last, is_terminal=episodes.is_terminal)
-                obs, reward, terminated, truncated, _ = envs.step(action)
-                episodes.step(reward, terminated, truncated)
+                collector.step(policy, replay.add)
             seconds = time.perf_counter() - start
         finally:
             envs.close()

@@ -1,4 +1,4 @@
-"""Measure the resident memory of a full train.Replay against the nominal 12,288 bytes per frame.
+"""Measure the resident memory of a full replay.Replay against the nominal 12,288 bytes per frame.
 
     python bench/replay_memory.py --capacity 200000 --num_envs 16
 
@@ -8,10 +8,10 @@ so only a full replay shows the real footprint). Prints one JSON line.
 import argparse
 import sys
 
-import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 
-import train
+import common  # noqa: F401  (puts the repo root on sys.path)
+from replay import Replay
 
 FRAME_BYTES = 64 * 64 * 3
 
@@ -38,7 +38,7 @@ def main(argv=None):
         pool = rng.integers(0, 256, (8, E, 64, 64, 3), dtype=np.uint8)
         zeros, ones = np.zeros(E, np.float32), np.ones(E, bool)
         before = rss_bytes()
-        replay = train.Replay(args.capacity, E)
+        replay = Replay(args.capacity, E)
         for i in range(replay.length):
             replay.add(pool[i % len(pool)], action=np.full(E, i % 6), reward=zeros,
                        is_first=ones if i == 0 else ~ones, is_last=~ones, is_terminal=~ones)

@@ -1,4 +1,4 @@
-"""Time train.update (world model + imagination + actor-critic, one optimizer step) on synthetic batches.
+"""Time train.train_step (world model + imagination + actor-critic, one optimizer step) on synthetic batches.
 
     python bench/update_speed.py --model_size 50m --device cuda --precision bf16
 
@@ -12,10 +12,10 @@ import statistics
 import sys
 import time
 
-import common  # noqa: F401  (puts the repo root on sys.path)
 import numpy as np
 import torch
 
+import common  # noqa: F401  (puts the repo root on sys.path)
 import train
 
 
@@ -94,7 +94,7 @@ def main(argv=None):
         for i in range(args.warmup_updates + args.updates):
             sync()
             start = time.perf_counter()
-            train.update(agent, opt, batch, loss_fn, autocast)
+            train.train_step(agent, opt, batch, loss_fn, autocast)
             sync()  # CUDA runs asynchronously: wait for the step before reading the clock
             if i >= args.warmup_updates:
                 times.append(time.perf_counter() - start)

@@ -108,8 +108,10 @@ def test_unknown_env_is_a_clear_error(env_id):
 
 
 def test_unknown_game_names_close_matches():
-    with pytest.raises(ValueError, match="ALE/Pong-v5"):
+    with pytest.raises(ValueError, match=r"did you mean ALE/Pong-v5\b"):
         check_env_id("ALE/Pongg-v5")
+    with pytest.raises(ValueError, match=r"did you mean ALE/Breakout-v5\b"):
+        check_env_id("ALE/Breakoutt-v5")
 
 
 def test_process_exits_with_env_workers_still_open():

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import train
-from model import Dreamer
+from env import Collector, make_vector_env
+from model import Dreamer, LaProp
+from replay import Replay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATCH, RHYTHM = "tests.catch:Catch-v0", "tests.rhythm:Rhythm-v0"
@@ -42,7 +44,7 @@ def train_tiny(env_id, total_steps, num_actions, run_dir):
 def random_return(env_id, num_actions, episodes=200):
     rng = np.random.default_rng(0)
     return train.evaluate(None, env_id, episodes, seed=1,
-                          policy=lambda obs: rng.integers(0, num_actions, len(obs)))
+                          policy=lambda obs, is_first: rng.integers(0, num_actions, len(obs)))
 
 
 @pytest.mark.slow
@@ -73,21 +75,13 @@ def test_agent_learns_rhythm_which_needs_the_is_first_reset(tmp_path):
 def test_world_model_learns_real_pong_frames():
     """Reconstruction of random-play Pong frames must fall far below its start and below the
     loss of predicting the mean frame (which already gets the static background right)."""
-    from env import Episodes, make_vector_env
-    from model import LaProp
-
     torch.manual_seed(0)
     envs = make_vector_env("ALE/Pong-v5", 2)
-    replay, ep = train.Replay(1000, 2, seed=0), Episodes(2)
-    rng = np.random.default_rng(0)
+    replay, rng = Replay(1000, 2, seed=0), np.random.default_rng(0)
     try:
-        obs, _ = envs.reset(seed=0)
+        collector = Collector(envs, seed=0)
         for _ in range(200):  # 400 frames
-            action = rng.integers(0, 6, 2)
-            replay.add(obs, action=action, reward=ep.reward, is_first=ep.is_first,
-                       is_last=ep.is_last, is_terminal=ep.is_terminal)
-            obs, reward, terminated, truncated, _ = envs.step(action)
-            ep.step(reward, terminated, truncated)
+            collector.step(lambda obs, is_first: rng.integers(0, 6, 2), replay.add)
     finally:
         envs.close()
     frames = replay.obs[:, :replay.filled].reshape(-1, 64, 64, 3).astype(np.float64) / 255

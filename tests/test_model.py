@@ -1,4 +1,4 @@
-"""Formulas of SPEC.md against hand-computed values, and gradient routing."""
+"""Every formula of the algorithm against hand-computed values, and gradient routing."""
 import math
 
 import numpy as np
@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from model import (LaProp, Normalize, TwoHot, categorical_kl, lambda_return, openloop, symexp,
-                   symlog, unimix)
+from model import LaProp, Normalize, TwoHot, categorical_kl, lambda_return, openloop, symexp, symlog, unimix
 
 
 def tiny_agent(num_actions=3, seed=0, **kw):
@@ -220,9 +219,9 @@ def test_free_bits_stop_gradients_below_one_nat():
 def test_policy_loss_does_not_reach_world_model():
     agent, _ = tiny_agent()
     b = random_batch()
-    _, feat, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+    _, post, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
                                         b["is_terminal"])
-    feats, actions = agent.imagine(feat)
+    feats, actions = agent.imagine(post["deter"], post["stoch"])
     with torch.no_grad():  # make the advantage non-zero so the policy gradient is not trivial
         agent.critic[-1].bias.copy_(torch.linspace(-3, 3, 255))
     losses, _, _ = agent.behavior_loss(feats, actions)
@@ -239,9 +238,9 @@ def test_replay_value_loss_reaches_world_model():
     with torch.no_grad():  # the zero-initialised output layer would block every gradient
         torch.nn.init.normal_(agent.critic[-1].weight)
     b = random_batch()
-    _, feat, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+    _, post, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
                                         b["is_terminal"])
-    loss, _ = agent.replay_value_loss(feat, b["reward"], b["is_last"], b["is_terminal"],
+    loss, _ = agent.replay_value_loss(post["feat"], b["reward"], b["is_last"], b["is_terminal"],
                                       torch.zeros(2, 4))
     g_enc, g_critic = grads_of(loss.mean(), [agent.encoder, agent.critic])
     assert g_enc > 0 and g_critic > 0
@@ -279,10 +278,10 @@ def test_full_loss_and_update_change_parameters_and_stay_finite():
     agent, opt = tiny_agent(warmup=1)
     b = random_batch()
     before = [p.detach().clone() for p in agent.parameters()]
-    train.update(agent, opt, b)
+    train.train_step(agent, opt, b)
     # Two updates: on the first, the zero output layers of reward head and critic block the
     # gradient to the layers below them.
-    metrics = train.update(agent, opt, b)
+    metrics = train.train_step(agent, opt, b)
     assert all(torch.isfinite(v).all() for v in metrics.values())
     assert all(not torch.equal(a, p) for a, p in zip(before, agent.parameters()))
     for key in ["loss/rec", "loss/rew", "loss/con", "loss/dyn", "loss/rep", "loss/policy",
@@ -306,9 +305,9 @@ def test_policy_gradient_raises_probability_of_actions_with_positive_advantage()
         k = int(torch.argmin((agent.twohot.bins - 1.0).abs()))
         agent.reward_head[-1].bias[k] = 30.0
     b = random_batch()
-    _, feat, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+    _, post, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
                                         b["is_terminal"])
-    feats, actions = agent.imagine(feat)
+    feats, actions = agent.imagine(post["deter"], post["stoch"])
     losses, ret, metrics = agent.behavior_loss(feats, actions)
     assert ret.min() > 0 and metrics["actor/advantage"] > 0
     logpi = lambda: (agent.policy_logprobs(feats) * actions).sum(-1)[:, :-1].mean()  # noqa: E731

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from train import Replay
+from replay import Replay
 
 
 def fill(replay, steps, start=0):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,8 +58,10 @@ def test_smoke_run_leaves_checkpoint_logs_video_and_images(smoke_run):
     assert ckpt["counters"]["updates"] == pytest.approx((2000 - 256) * 8 / 64, abs=2)
 
 
-def test_resume_continues_from_saved_counters(smoke_run):
-    run_dir, _ = smoke_run
+def test_resume_continues_from_saved_counters(smoke_run, tmp_path):
+    # A copy of the smoke run: the other tests read the original, whatever the order.
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(smoke_run[0], run_dir)
     path = os.path.join(run_dir, "checkpoint.pt")
     before = torch.load(path, weights_only=False)
     # Only the new budget is given: every other setting comes from the checkpoint.
@@ -181,7 +184,7 @@ def test_on_off_flags_can_be_switched_off():
 
 
 def test_logging_failures_never_stop_training(tmp_path, capsys):
-    from utils import Logger
+    from utils import Logger, write_media
 
     class Run:  # stands in for a live wandb run
         id, logged = "x", []
@@ -202,10 +205,7 @@ def test_logging_failures_never_stop_training(tmp_path, capsys):
     def broken_writer(path, data):
         raise OSError("disk full")
 
-    trainer = train.Trainer.__new__(train.Trainer)
-    trainer.logger = logger
-    trainer.write_media(broken_writer, str(tmp_path / "v.mp4"), None, logger.video, 4,
-                        "episode/video")
+    write_media(broken_writer, str(tmp_path / "v.mp4"), None, logger.video, 4, "episode/video")
     assert "could not write" in capsys.readouterr().err
 
 
