@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from env import Collector, check_env, make_vector_env
 from model import AgentPolicy, Dreamer, LaProp, openloop
 from replay import Replay
-from utils import Logger, load_checkpoint, panels, save_checkpoint, write_image, write_media, write_video
+from utils import Logger, load_checkpoint, panels, save_checkpoint, warn, write_image, write_media, write_video
 
 SIZES = {  # --model_size presets (stoch is always 32 latents)
     "tiny": dict(deter=128, hidden=64, classes=8, depth=8, units=64),
@@ -127,6 +128,8 @@ def check_config(cfg):
         raise ValueError("--wandb_mode online needs --wandb_key FILE")
     if cfg.wandb_key and not os.path.isfile(cfg.wandb_key):
         raise ValueError(f"--wandb_key {cfg.wandb_key}: no such file")
+    if cfg.wandb_key and not os.access(cfg.wandb_key, os.R_OK):
+        raise ValueError(f"--wandb_key {cfg.wandb_key}: not readable (permission denied)")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {cfg.precision}")
     if cfg.capacity // cfg.num_envs < cfg.sequence_length:
@@ -514,11 +517,52 @@ def prepare(cfg, given=None):
     if not cfg.run_dir:
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
         cfg.run_dir = os.path.join("runs", f"{game}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run_dir(cfg.run_dir)
     existing = os.path.join(cfg.run_dir, "checkpoint.pt")
     if checkpoint is None and os.path.exists(existing):
         raise ValueError(f"--run_dir {cfg.run_dir} already holds a checkpoint; continue it with "
                          f"--resume {existing} or choose another --run_dir")
+    warn_if_disk_too_small(cfg)
     return checkpoint  # the run directory is made by the Logger, once every check has passed
+
+
+def nearest_existing(path):
+    """`path` itself if it exists, else its closest existing ancestor."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_run_dir(run_dir):
+    """Can the run directory be made (or used) and written? Checked without creating anything."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"--run_dir {run_dir} exists and is not a directory")
+    base = nearest_existing(run_dir)
+    if not os.path.isdir(base):
+        raise ValueError(f"--run_dir {run_dir}: {base} is a file, so no directory can be made under it")
+    if not os.access(base, os.W_OK | os.X_OK):
+        what = "write in" if base == os.path.abspath(run_dir) else "create directories in"
+        raise ValueError(f"--run_dir {run_dir}: no permission to {what} {base}")
+
+
+def checkpoint_bytes(cfg, num_actions=18):
+    """Size of checkpoint.pt for this config: float32 parameters, the optimizer's two moments and
+    the slow critic. Counted on the meta device (no memory); 18 actions is the full ALE set."""
+    with torch.device("meta"):
+        agent = Dreamer(num_actions, **SIZES[cfg.model_size])
+    params = sum(p.numel() for p in agent.parameters())
+    return 4 * 3 * params
+
+
+def warn_if_disk_too_small(cfg):
+    """One warning when the free space where the run writes is clearly too small: a checkpoint is
+    written next to the previous one before it replaces it, so two must fit."""
+    need = 2 * checkpoint_bytes(cfg)
+    free = shutil.disk_usage(nearest_existing(cfg.run_dir)).free
+    if free < need:
+        warn(f"only {free / 2**30:.2f} GiB free where --run_dir {cfg.run_dir} writes; its "
+             f"checkpoints need about {need / 2**30:.2f} GiB")
 
 
 def main(argv=None):
@@ -527,6 +571,9 @@ def main(argv=None):
         trainer = Trainer(cfg, prepare(cfg, given))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a path that passed the checks and failed anyway (a race, a full disk)
+        print(f"error: {e.filename or cfg.run_dir}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     train(trainer)
 

@@ -29,6 +29,8 @@ def load_checkpoint(path):
     """Load a checkpoint dict, or raise ValueError with one line saying what is wrong."""
     if not os.path.isfile(path):
         raise ValueError(f"--resume {path}: no such checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"--resume {path}: not readable (permission denied)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file

@@ -1,4 +1,5 @@
 """The real train.py end to end: smoke run on ALE Pong, resume, and one-line errors."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -242,3 +243,69 @@ def test_atari100k_preset_keeps_explicit_flags():
     train.apply_presets(cfg, given)
     assert (cfg.num_envs, cfg.sticky_actions, cfg.total_steps) == (1, 0.0, 100_000)
     assert cfg.train_ratio == 128
+
+
+def bad_path_cases(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    return {
+        "under a file": (str(tmp_path / "afile" / "sub" / "run"), "is a file, so no directory"),
+        "an existing file": (str(tmp_path / "afile"), "exists and is not a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["under a file", "an existing file"])
+def test_run_dir_that_cannot_be_made_is_one_line_error(tmp_path, case):
+    run_dir, message = bad_path_cases(tmp_path)[case]
+    result = run_train("--env", "tests.catch:Catch-v0", "--run_dir", run_dir, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "afile").read_text() == "x"  # the user's file is left alone
+
+
+@contextlib.contextmanager
+def unwritable_dir(path):
+    """A directory nobody may write in: mode 555, and for root (who ignores modes) immutable."""
+    os.mkdir(path, 0o555)
+    os.chmod(path, 0o555)
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", path], capture_output=True).returncode:
+        pytest.skip("running as root without chattr: no directory is unwritable")
+    try:
+        yield path
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", path], capture_output=True)
+
+
+def test_run_dir_without_write_permission_is_one_line_error(tmp_path):
+    with unwritable_dir(str(tmp_path / "locked")) as locked:
+        for run_dir, what in ((locked, "write in"), (os.path.join(locked, "run"), "create directories in")):
+            result = run_train("--env", "tests.catch:Catch-v0", "--run_dir", run_dir, timeout=120)
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert f"no permission to {what} {locked}" in result.stderr
+            assert "Traceback" not in result.stderr
+        assert os.listdir(locked) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_resume_and_wandb_key_are_one_line_errors(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    secret.chmod(0o000)
+    for args, flag in [(["--env", "tests.catch:Catch-v0", "--wandb_key", str(secret)], "--wandb_key"),
+                       (["--resume", str(secret)], "--resume")]:
+        result = run_train(*args, "--run_dir", str(tmp_path / "run"), timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"{flag} {secret}: not readable (permission denied)" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_too_little_disk_space_warns_once(tmp_path, monkeypatch, capsys):
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="12m", run_dir=str(tmp_path / "run"))
+    free = 100 * 2**20  # two 12m checkpoints are about 290 MiB
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
+    train.warn_if_disk_too_small(cfg)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "0.10 GiB free" in err and "0.29 GiB" in err
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    train.warn_if_disk_too_small(cfg)
+    assert capsys.readouterr().err == ""
