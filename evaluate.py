@@ -63,7 +63,7 @@ def human_normalized(score, game):
 # Episodes
 
 
-class Episodes:
+class EvalResult:
     """Returns and lengths of finished evaluation episodes, and the frames of the best one."""
 
     def __init__(self):
@@ -87,7 +87,7 @@ def evaluate(agent, env_id, episodes, num_envs=4, seed=0, sticky=0.25, greedy=Fa
     num_envs = max(1, min(num_envs, episodes))
     share = [episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)]
     done = [0] * num_envs
-    result = Episodes()
+    result = EvalResult()
     envs = make_vector_env(env_id, num_envs, sticky)
     try:
         if policy is None:
