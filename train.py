@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from env import Collector, check_env, make_vector_env
+from env import Collector, check_env, make_env, make_vector_env
+from evaluate import describe, evaluate, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
 from replay import Replay
 from utils import Logger, load_checkpoint, panels, save_checkpoint, warn, write_image, write_media, write_video
@@ -64,6 +65,12 @@ class Config:
     image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
     log_interval: int = arg(1000, "agent steps between logged training scalars")
     checkpoint_interval: int = arg(50_000, "agent steps between checkpoints (also written at the end and on Ctrl-C)")
+    eval_interval: int = arg(0, "agent steps between evaluations during training, logged as eval/return and "
+                                "eval/hns (0: never)")
+    eval_episodes: int = arg(10, "episodes per evaluation; given with --resume (without --eval_interval): "
+                                 "evaluate the checkpoint and exit")
+    eval_envs: int = arg(4, "parallel envs of an evaluation")
+    eval_greedy: bool = arg(False, "evaluate with the most likely action instead of sampling as in training")
     run_dir: str = arg("", "where checkpoint.pt, metrics.jsonl, videos and images go "
                            "(default runs/<game>-<time>, or the checkpoint's folder on resume)")
     wandb_key: str = arg("", "file holding a wandb API key; with it the run logs online")
@@ -102,7 +109,7 @@ def parse_args(argv=None):
 def check_config(cfg):
     """Raise ValueError with one line for values that cannot work, before anything starts."""
     positive = ["num_envs", "total_steps", "capacity", "batch_size", "imagination_horizon",
-                "train_ratio"]
+                "train_ratio", "eval_episodes", "eval_envs"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -115,7 +122,7 @@ def check_config(cfg):
         if not 0 < getattr(cfg, name) <= 1:
             raise ValueError(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
     for name in ["video_interval", "image_interval", "log_interval", "checkpoint_interval",
-                 "learning_starts", "warmup"]:
+                 "learning_starts", "warmup", "eval_interval"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
@@ -245,19 +252,13 @@ class Trainer:
         # log_interval 0 logs at every collection step, checkpoint_interval 0 only at the end.
         self.log_due = Every(max(cfg.log_interval, 1), last=step)
         self.checkpoint_due = Every(cfg.checkpoint_interval, last=step)
+        self.eval_due = Every(cfg.eval_interval, last=step)
         # (time, env steps, updates) at the last log of training scalars, for the rates
         self.since_log = (time.time(), step, self.counters["updates"])
 
     def restore(self, checkpoint):
         """Agent, optimizer, counters and RNG states of a checkpoint (from `load_checkpoint`)."""
-        try:
-            self.agent.load_state_dict(checkpoint["agent"])
-            self.opt.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            detail = next((line for line in lines if not line.startswith("Error(s)")), "")[:100]
-            raise ValueError(f"--resume {self.cfg.resume}: its weights do not fit this program's "
-                             f"{self.cfg.model_size} model ({type(e).__name__}: {detail})") from None
+        load_weights(self.cfg, checkpoint, self.agent, self.opt)
         counters = dict(checkpoint["counters"])
         # The update credit was called train_acc in checkpoints of earlier versions.
         self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
@@ -350,6 +351,18 @@ class Trainer:
             path = os.path.join(self.cfg.run_dir, "images", f"{name}_{step:09d}.png")
             write_media(write_image, path, image, self.logger.image, step, f"images/{name}")
 
+    def run_evaluation(self):
+        """--eval_interval: an evaluation on its own envs, logged and written to eval_<step>.json."""
+        cfg, step = self.cfg, self.counters["env_steps"]
+        result = evaluate(self.agent, cfg.env, cfg.eval_episodes, cfg.eval_envs, eval_seed(cfg),
+                          cfg.sticky_actions, cfg.eval_greedy)
+        record = write_report(result, cfg.run_dir, cfg.env, step, cfg.eval_greedy, eval_seed(cfg))
+        metrics = {"eval/return": record["mean"]}
+        if "hns" in record:
+            metrics["eval/hns"] = record["hns"]
+        self.logger.scalars(step, metrics)
+        return record
+
     def save(self):
         save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
             "agent": self.agent.state_dict(),
@@ -378,6 +391,19 @@ def build_agent(cfg, num_actions, device):
     return agent, opt
 
 
+def load_weights(cfg, checkpoint, agent, opt=None):
+    """The agent's (and optimizer's) state from a checkpoint, or a one-line ValueError."""
+    try:
+        agent.load_state_dict(checkpoint["agent"])
+        if opt is not None:
+            opt.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if not line.startswith("Error(s)")), "")[:100]
+        raise ValueError(f"--resume {cfg.resume}: its weights do not fit this program's "
+                         f"{cfg.model_size} model ({type(e).__name__}: {detail})") from None
+
+
 def train_step(agent, opt, batch, loss_fn=None, autocast=None):
     """One optimizer step on all losses (world model, actor, critic, replay value).
 
@@ -396,22 +422,6 @@ def train_step(agent, opt, batch, loss_fn=None, autocast=None):
     opt.step()
     agent.update_slow_critic()
     return metrics
-
-
-@torch.no_grad()
-def evaluate(agent, env_id, episodes, num_envs=4, seed=0, policy=None):
-    """Mean return of `episodes` full episodes with the agent's (sampled) policy, or with
-    `policy(obs, is_first) -> actions` when given (e.g. random actions for a baseline)."""
-    envs = make_vector_env(env_id, num_envs)
-    try:
-        if policy is None:
-            policy = AgentPolicy(agent, num_envs, next(agent.parameters()).device)
-        collector, returns = Collector(envs, seed=seed), []
-        while len(returns) < episodes:
-            returns += [ret for _, ret, _ in collector.step(policy)]
-    finally:
-        envs.close()
-    return float(np.mean(returns[:episodes]))
 
 
 def seed_everything(seed):
@@ -472,6 +482,8 @@ def train(trainer):
                 best = c["best_return"] if c["best_return"] is not None else nan
                 bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
                                 ret=f"{last:.1f}", best=f"{best:.1f}")
+            if trainer.eval_due(c["env_steps"]):
+                trainer.run_evaluation()
             if trainer.checkpoint_due(c["env_steps"]):
                 trainer.save()
     except KeyboardInterrupt:
@@ -490,6 +502,35 @@ def train(trainer):
     print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
           f"checkpoint in {os.path.join(cfg.run_dir, 'checkpoint.pt')}")
     return trainer
+
+
+def eval_seed(cfg):
+    """Evaluation envs are seeded apart from the training envs, the same way at every evaluation."""
+    return cfg.seed + 100_000
+
+
+def evaluation_only(cfg, given):
+    """`--resume ... --eval_episodes N` evaluates the checkpoint and exits; with --eval_interval
+    on the same command line, --eval_episodes is the size of the evaluations of a resumed run."""
+    return bool(cfg.resume) and "eval_episodes" in (given or ()) and "eval_interval" not in given
+
+
+def evaluate_checkpoint(cfg, checkpoint):
+    """The checkpoint's agent plays --eval_episodes episodes on fresh envs with the run's settings
+    (sticky actions, ...); writes eval_<step>.json and eval_<step>.mp4 (the best episode)."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    num_actions = checkpoint.get("num_actions")
+    if num_actions is None:
+        env = make_env(cfg.env, cfg.sticky_actions)()
+        num_actions = int(env.action_space.n)
+        env.close()
+    agent, _ = build_agent(cfg, num_actions, device)
+    load_weights(cfg, checkpoint, agent)
+    step = checkpoint["counters"].get("env_steps", 0)
+    result = evaluate(agent, cfg.env, cfg.eval_episodes, cfg.eval_envs, eval_seed(cfg),
+                      cfg.sticky_actions, cfg.eval_greedy, video=True, progress=True)
+    return write_report(result, cfg.run_dir, cfg.env, step, cfg.eval_greedy, eval_seed(cfg))
 
 
 def prepare(cfg, given=None):
@@ -513,6 +554,9 @@ def prepare(cfg, given=None):
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
     else:  # a resumed run keeps the values its presets gave it
         apply_presets(cfg, given)
+        if given is not None and "eval_episodes" in given and not cfg.eval_interval:
+            raise ValueError("--eval_episodes needs --resume CHECKPOINT (evaluate it) or --eval_interval N "
+                             "(evaluate during training)")
     check_config(cfg)
     if not cfg.run_dir:
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
@@ -568,7 +612,12 @@ def warn_if_disk_too_small(cfg):
 def main(argv=None):
     cfg, given = parse_args(argv)
     try:
-        trainer = Trainer(cfg, prepare(cfg, given))
+        checkpoint = prepare(cfg, given)
+        if evaluation_only(cfg, given):
+            record = evaluate_checkpoint(cfg, checkpoint)
+            print(f"{describe(record)}; written to {record['path']}")
+            return
+        trainer = Trainer(cfg, checkpoint)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,5 @@
-"""Shared bits of the benchmark scripts: repo imports and a clean one-JSON-line stdout.
+"""Shared bits of the benchmark scripts: repo imports, a clean one-JSON-line stdout, and reading
+the run directories that train.py writes.
 
 The scripts are run as `python bench/<name>.py`, so this folder is on sys.path and
 `import common` works; importing it puts the repo root there too (for train, model, env).
@@ -6,6 +7,7 @@ The scripts are run as `python bench/<name>.py`, so this folder is on sys.path a
 import contextlib
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,3 +50,43 @@ def set_threads(n):
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories (what train.py writes)
+
+
+def eval_records(run_dir):
+    """The run's eval_<step>.json records, oldest first."""
+    names = [n for n in os.listdir(run_dir) if re.fullmatch(r"eval_\d+\.json", n)]
+    records = []
+    for name in sorted(names, key=lambda n: int(n[5:-5])):
+        with open(os.path.join(run_dir, name)) as f:
+            records.append(json.load(f))
+    return records
+
+
+def episode_returns(run_dir):
+    """(agent step, return) of every training episode in the run's metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
+
+
+def run_config(run_dir):
+    """The run's settings: config.json when there is one (hand-made or copied runs), else the
+    config stored in checkpoint.pt, else the env of its evaluations; {} when none is found."""
+    path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.isfile(path):
+        import torch  # only here: reading a folder of JSON files needs no torch
+
+        return dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"])
+    records = eval_records(run_dir)
+    return {"env": records[-1]["env"]} if records else {}

@@ -6,7 +6,8 @@
 #
 # The run stops with SIGINT at the budget (train.py writes its checkpoint and exits), then
 # <run_dir>/return_curve.csv holds agent steps, wall seconds and the mean return of the last
-# 10 episodes, and the final row is printed as JSON. Extra arguments go to train.py.
+# 10 episodes (return_curve.png draws it), and the final row is printed as JSON. Extra
+# arguments go to train.py.
 # Model size and train ratio: the choice (12m, train ratio 256, 8 envs, bf16) is a first guess,
 # not yet measured on a GPU: an update of a small model is bound by the 64 + 15 sequential RSSM
 # steps rather than by FLOPs, so a small model affords the high train ratio that made the 2023

@@ -1,10 +1,12 @@
-"""Smoke test of the benchmark scripts in bench/: each runs with tiny settings and prints one JSON line."""
+"""Smoke tests of the benchmark scripts in bench/: each runs with tiny settings (the Python ones
+print one JSON line); the table and curve scripts on hand-made run directories."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,3 +63,70 @@ def test_return_curve_averages_the_last_ten_episodes(tmp_path):
     assert (final["episodes"], final["step"], final["wall_s"], final["mean_return"]) == (12, 120, 12.0, 7.5)
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "step,wall_s,mean_return" and lines[1] == "10,1.0,1.0" and len(lines) == 13
+    assert os.path.getsize(tmp_path / "return_curve.png") > 1000
+    assert final["random"] is None  # no config: no game, no random level
+
+
+def fake_run(path, env, eval_mean=None, train_returns=()):
+    """A run directory as train.py leaves it, by hand: config.json, eval_*.json, metrics.jsonl."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"env": env, "seed": 0}))
+    if eval_mean is not None:
+        (path / "eval_100000.json").write_text(json.dumps({"env": env, "step": 100000, "mean": eval_mean}))
+    rows = [{"step": 100 * i, "time": float(i), "episode/return": r} for i, r in enumerate(train_returns)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_return_curve_png_draws_the_random_level_of_atari_games(tmp_path):
+    run = fake_run(tmp_path / "pong", "ALE/Pong-v5", train_returns=[-21.0, -20.0, -19.0])
+    final = run_bench("return_curve.py", str(run), "--csv", str(tmp_path / "c.csv"),
+                      "--png", str(tmp_path / "curve.png"))
+    assert final["random"] == -20.7 and final["mean_return"] == -20.0
+    assert os.path.getsize(tmp_path / "curve.png") > 1000
+
+
+def test_hns_table_over_games_and_seeds(tmp_path):
+    # HNS per run: Pong 1.0 and 0.0 (random −20.7, human 14.6), Breakout 0.5 and 2.0 (random 1.7,
+    # human 30.5; the second run has no evaluation: the mean of its last 10 training episodes),
+    # Boxing 0.25 (random 0.1, human 12.1). Per game 0.5, 1.25, 0.25: mean 2/3, median 0.5.
+    # IQM over the 5 runs [0, 0.25, 0.5, 1, 2]: drop one at each end, mean of 0.25, 0.5, 1.
+    fake_run(tmp_path / "Pong-s0", "ALE/Pong-v5", eval_mean=14.6, train_returns=[0.0])
+    fake_run(tmp_path / "Pong-s1", "ALE/Pong-v5", eval_mean=-20.7)
+    fake_run(tmp_path / "Breakout-s0", "ALE/Breakout-v5", eval_mean=16.1)
+    fake_run(tmp_path / "Breakout-s1", "ALE/Breakout-v5", train_returns=[0.0, 0.0] + [59.3] * 10)
+    fake_run(tmp_path / "Boxing-s0", "ALE/Boxing-v5", eval_mean=3.1)
+    fake_run(tmp_path / "Catch-s0", "tests.catch:Catch-v0", eval_mean=1.0)  # no HNS: left out
+    r = run_bench("hns.py", str(tmp_path), "--out", str(tmp_path / "table"))
+    assert (r["games"], r["runs"]) == (3, 5)
+    assert r["mean_hns"] == pytest.approx(2 / 3)
+    assert r["median_hns"] == pytest.approx(0.5)
+    assert r["iqm_hns"] == pytest.approx((0.25 + 0.5 + 1.0) / 3)
+    assert r["per_game"]["Breakout"]["seeds"] == 2 and r["per_game"]["Breakout"]["hns"] == pytest.approx(1.25)
+    assert r["per_game"]["Pong"]["dreamerv3_2023_paper"] == 18
+    published = r["published"]["dreamerv3_2024_scorefile"]
+    assert published["same_games"]["games"] == 3 and published["all_games"]["games"] == 26
+    assert published["all_games"]["mean_hns"] == pytest.approx(1.25, abs=0.01)
+    table = (tmp_path / "table" / "atari100k_table.md").read_text()
+    assert "| Breakout | 2 |" in table and "**IQM HNS**" in table
+    assert os.path.getsize(tmp_path / "table" / "atari100k_hns.png") > 1000
+
+
+def test_atari100k_script_trains_then_evaluates_with_hns(tmp_path):
+    """bench/atari100k.sh with a tiny budget: an --atari100k run, then the final evaluation of its
+    checkpoint, which for an Atari game gives the human-normalised score."""
+    env = dict(os.environ, RUN_ROOT=str(tmp_path), MODEL_SIZE="tiny", EVAL_EPISODES="1")
+    proc = subprocess.run(["bash", "bench/atari100k.sh", "Pong", "3", "--total_steps", "32",
+                           "--learning_starts", "1000", "--capacity", "1000", "--batch_size", "2",
+                           "--sequence_length", "8", "--wandb_mode", "disabled", "--video_interval", "0",
+                           "--image_interval", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "Pong-s3"
+    config = torch.load(run / "checkpoint.pt", weights_only=False)["config"]
+    assert (config["atari100k"], config["num_envs"], config["sticky_actions"], config["seed"]) == (True, 1, 0.0, 3)
+    record = json.loads((run / "eval_32.json").read_text())
+    assert record["game"] == "Pong" and record["episodes"] == 1 and -21 <= record["mean"] <= 21
+    assert record["hns"] == pytest.approx((record["mean"] + 20.7) / 35.3)
+    assert "human-normalised" in proc.stdout
+    assert (run / "eval_32.mp4").exists() and (run / "return_curve.png").exists()

@@ -10,6 +10,7 @@ import torch
 
 import train
 from env import Collector, make_vector_env
+from evaluate import evaluate
 from model import Dreamer, LaProp
 from replay import Replay
 
@@ -43,14 +44,14 @@ def train_tiny(env_id, total_steps, num_actions, run_dir):
 
 def random_return(env_id, num_actions, episodes=200):
     rng = np.random.default_rng(0)
-    return train.evaluate(None, env_id, episodes, seed=1,
-                          policy=lambda obs, is_first: rng.integers(0, num_actions, len(obs)))
+    return evaluate(None, env_id, episodes, seed=1,
+                    policy=lambda obs, is_first: rng.integers(0, num_actions, len(obs))).mean
 
 
 @pytest.mark.slow
 def test_agent_learns_catch_far_better_than_random(tmp_path):
     agent = train_tiny(CATCH, 2400, 3, tmp_path)
-    random_play, trained = random_return(CATCH, 3), train.evaluate(agent, CATCH, 100, seed=2)
+    random_play, trained = random_return(CATCH, 3), evaluate(agent, CATCH, 100, seed=2).mean
     # Return = 2·catch rate − 1: random catches about 20%, the trained agent at least 80%.
     print(f"catch: trained {trained:.2f}, random {random_play:.2f}")
     assert random_play < -0.3
@@ -64,7 +65,7 @@ def test_agent_learns_rhythm_which_needs_the_is_first_reset(tmp_path):
     the screen never changes. A perfect agent earns 3.5 per episode on average; an agent that
     cannot tell where episodes begin earns about 0.5 at best, random play about 0."""
     agent = train_tiny(RHYTHM, 1200, 2, tmp_path)
-    random_play, trained = random_return(RHYTHM, 2), train.evaluate(agent, RHYTHM, 100, seed=2)
+    random_play, trained = random_return(RHYTHM, 2), evaluate(agent, RHYTHM, 100, seed=2).mean
     print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
     assert abs(random_play) < 0.5
     assert trained >= 2.5
