@@ -45,11 +45,13 @@ def sample_onehot(logprobs):
     return onehot + probs - probs.detach()
 
 
-def previous_actions(action, num_actions):
+def previous_actions(action, num_actions, first=None):
     """One-hot a_{t−1} for every step of stored actions (B, T): the action stored with o_t is the
-    one chosen AT o_t, and the RSSM consumes the one before it (zero at the window's start)."""
+    one chosen AT o_t, and the RSSM consumes the one before it. At the window's start that is
+    `first` (B,), the action of the step before the window, or zero without one."""
     onehot = F.one_hot(action, num_actions).float()
-    return torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
+    before = F.one_hot(first, num_actions).float()[:, None] if first is not None else torch.zeros_like(onehot[:, :1])
+    return torch.cat([before, onehot[:, :-1]], 1)
 
 
 def categorical_kl(logp, logq):
@@ -312,6 +314,14 @@ class RSSM(nn.Module):
         """The model state the heads, actor and critic see: deter and stoch side by side."""
         return torch.cat([deter, stoch], -1)
 
+    def stoch_indices(self, stoch):
+        """One-hot stoch (..., S·C) → the class of each latent (..., S), as the replay keeps it."""
+        return stoch.reshape(*stoch.shape[:-1], self.stoch, self.classes).argmax(-1)
+
+    def stoch_onehot(self, indices):
+        """Class indices (..., S) → one-hot stoch (..., S·C)."""
+        return F.one_hot(indices.long(), self.classes).float().flatten(-2)
+
     def initial(self, n, device):
         return (torch.zeros(n, self.deter, device=device),
                 torch.zeros(n, self.stoch * self.classes, device=device))
@@ -457,12 +467,17 @@ class Dreamer(nn.Module):
         rep = categorical_kl(post, prior.detach()).sum(-1)
         return dyn.clamp(min=self.free_nats), rep.clamp(min=self.free_nats)
 
-    def world_model_loss(self, obs, action, reward, is_first, is_terminal):
+    def world_model_loss(self, obs, action, reward, is_first, is_terminal, start=None):
         """Per-(B, T) losses of the world model, the posterior states (dict of deter, stoch and
-        feat, each (B, T, ·)) and metrics."""
-        prev_action = previous_actions(action, self.num_actions)
+        feat, each (B, T, ·)) and metrics.
+
+        start: None (the window starts from the zero state; its first step must be is_first), or
+        the replay context (deter (B, D), stoch class indices (B, S), action (B,)) of the step
+        before the window: the latent the window continues from and the previous action.
+        """
+        state, prev_action = self.window_start(action, start)
         embed = self.encoder(obs)
-        deter, stoch, post, prior = self.rssm.observe(embed, prev_action, is_first)
+        deter, stoch, post, prior = self.rssm.observe(embed, prev_action, is_first, state)
         feat = self.rssm.feat(deter, stoch)
         recon = self.decoder(feat)
         target = obs.float() / 255.0
@@ -478,6 +493,15 @@ class Dreamer(nn.Module):
             "wm/post_entropy": categorical_entropy(post).sum(-1).mean(),
         }
         return losses, dict(deter=deter, stoch=stoch, feat=feat), metrics
+
+    def window_start(self, action, start=None):
+        """The RSSM state a replayed window starts from (None: zero) and its previous actions
+        (B, T, A), from the replay context `start` (see `world_model_loss`)."""
+        if start is None:
+            return None, previous_actions(action, self.num_actions)
+        deter, stoch, first_action = start
+        state = (deter.float(), self.rssm.stoch_onehot(stoch))
+        return state, previous_actions(action, self.num_actions, first_action)
 
     def imagine(self, deter, stoch):
         """Imagine `horizon` steps from every replayed posterior state (B, T, ·) (no gradients:
@@ -535,11 +559,13 @@ class Dreamer(nn.Module):
             self.slowreg * self.twohot.loss(value_logits[:, :-1], slow[:, :-1])
         return weight * loss, {"critic/replay_return": ret.mean(), "critic/replay_value": value.mean()}
 
-    def loss(self, obs, action, reward, is_first, is_last, is_terminal):
-        """All losses of one update. Batch tensors are (B, T, ...). Returns the scaled total and
-        the metrics dict (detached scalars)."""
+    def loss(self, obs, action, reward, is_first, is_last, is_terminal, start=None):
+        """All losses of one update. Batch tensors are (B, T, ...); `start` as in
+        `world_model_loss`. Returns the scaled total, the metrics dict (detached scalars) and the
+        posterior latents (deter (B, T, D), stoch class indices (B, T, S); detached) with which
+        the replay refreshes its stored context."""
         B, T = action.shape
-        losses, post, metrics = self.world_model_loss(obs, action, reward, is_first, is_terminal)
+        losses, post, metrics = self.world_model_loss(obs, action, reward, is_first, is_terminal, start)
         feat = post["feat"]
         feats, actions = self.imagine(post["deter"], post["stoch"])
         beh, ret, beh_metrics = self.behavior_loss(feats, actions)
@@ -552,7 +578,8 @@ class Dreamer(nn.Module):
         metrics.update(rv_metrics)
         metrics.update({f"loss/{k}": v.mean() for k, v in losses.items()})
         metrics["loss/total"] = total
-        return total, {k: v.detach() for k, v in metrics.items()}
+        latents = dict(deter=post["deter"].detach(), stoch=self.rssm.stoch_indices(post["stoch"].detach()))
+        return total, {k: v.detach() for k, v in metrics.items()}, latents
 
     @torch.no_grad()
     def update_slow_critic(self):
@@ -573,6 +600,13 @@ class AgentPolicy:
                                             torch.as_tensor(is_first, device=self.device),
                                             self.state, self.greedy)
         return action.cpu().numpy()
+
+    def latents(self):
+        """The posterior latent of the last observation, as the replay stores it: deter (N, D)
+        float32 and stoch class indices (N, S)."""
+        deter, stoch, _ = self.state
+        return dict(deter=deter.float().cpu().numpy(),
+                    stoch=self.agent.rssm.stoch_indices(stoch).cpu().numpy().astype("uint8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,15 +661,16 @@ class LaProp(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def openloop(agent, obs, action, is_first, context=5):
+def openloop(agent, obs, action, is_first, context=5, start=None):
     """Reconstructions of a replayed batch and open-loop predictions after `context` frames.
 
-    obs (N, T, 64, 64, 3) uint8, action (N, T), is_first (N, T). Returns recon (N, T, 64, 64, 3)
-    from the posterior and imagined frames (N, T − context, 64, 64, 3) from the prior driven by
-    the replayed actions, both in [0, 1].
+    obs (N, T, 64, 64, 3) uint8, action (N, T), is_first (N, T), start: the replay context or
+    None (see `Dreamer.world_model_loss`). Returns recon (N, T, 64, 64, 3) from the posterior and
+    imagined frames (N, T − context, 64, 64, 3) from the prior driven by the replayed actions,
+    both in [0, 1].
     """
-    prev_action = previous_actions(action, agent.num_actions)
-    deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first)
+    state, prev_action = agent.window_start(action, start)
+    deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first, state)
     recon = agent.decoder(agent.rssm.feat(deter, stoch))
     d, s = deter[:, context - 1], stoch[:, context - 1]
     feats = []

@@ -46,7 +46,10 @@ class Config:
     env: str = arg("", "gymnasium id, e.g. ALE/Pong-v5 (any ALE game; also module:EnvId ids); required unless --resume")
     num_envs: int = arg(16, "number of parallel environments (AsyncVectorEnv workers)")
     total_steps: int = arg(1_000_000, "agent steps to train for (env steps after action repeat, summed over envs)")
-    capacity: int = arg(1_000_000, "replay capacity in steps (about 12.3 KB each), split over the envs")
+    capacity: int = arg(1_000_000, "replay capacity in steps (about 12.3 KB each, plus 2·deter + 32 bytes of "
+                                   "latent with --replay_context), split over the envs")
+    replay_context: bool = arg(True, "store each step's posterior latent and start replayed windows from the "
+                                     "step before them (official v2); off: from the zero state")
     sequence_length: int = arg(64, "length T of the replayed training sequences")
     batch_size: int = arg(16, "number B of replayed sequences per update")
     imagination_horizon: int = arg(15, "imagined steps from every replayed state")
@@ -220,7 +223,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed)
-        self.replay = Replay(cfg.capacity, cfg.num_envs, seed=cfg.seed)
+        self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=cfg.seed)
         # Collection and updates alternate (the workers wait while torch runs and the other way
         # round), so torch keeps its default threads. Any failure from here on must close the
         # workers, or the process would wait for them forever.
@@ -272,7 +275,7 @@ class Trainer:
     def collect(self):
         """Act in every env once and store the step; returns finished episodes."""
         self.record_video_frame()
-        finished = self.collector.step(self.policy, self.replay.add)
+        finished = self.collector.step(self.policy, self.store)
         self.counters["env_steps"] += self.cfg.num_envs
         self.replay_steps += self.cfg.num_envs
         return finished
@@ -291,10 +294,21 @@ class Trainer:
                 self.log_images(batch)
 
     def to_tensors(self, batch):
-        return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        """The model's inputs of a sampled batch as tensors (not where the windows lie)."""
+        return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items() if k not in ("env", "index")}
+
+    def store(self, obs, **step):
+        """Replay.add, with the acting latent of every env when the replay keeps context."""
+        if self.replay.context:
+            step.update(self.policy.latents())
+        self.replay.add(obs, **step)
 
     def update(self, batch):
-        metrics = train_step(self.agent, self.opt, self.to_tensors(batch), self.loss_fn, self.autocast)
+        metrics, latents = train_step(self.agent, self.opt, self.to_tensors(batch), self.loss_fn,
+                                      self.autocast)
+        if self.replay.context:  # the stored context of the replayed steps, from the newer model
+            self.replay.refresh(batch["env"], batch["index"], latents["deter"].float().cpu().numpy(),
+                                latents["stoch"].cpu().numpy().astype(np.uint8))
         self.counters["updates"] += 1
         return metrics
 
@@ -342,7 +356,8 @@ class Trainer:
     def log_images(self, batch):
         n, context = min(4, self.cfg.batch_size), min(5, self.cfg.sequence_length - 1)
         b = self.to_tensors({k: v[:n] for k, v in batch.items()})
-        recon, imagined = openloop(self.agent, b["obs"], b["action"], b["is_first"], context)
+        recon, imagined = openloop(self.agent, b["obs"], b["action"], b["is_first"], context,
+                                   window_start(b))
         truth = b["obs"].float().cpu().numpy() / 255.0
         rec_img, ol_img = panels(truth, recon.float().cpu().numpy(), imagined.float().cpu().numpy(),
                                  context)
@@ -380,6 +395,11 @@ class Trainer:
         self.logger.close()
 
 
+def replay_latent(cfg):
+    """(deter, stoch) sizes of the latent the replay keeps per step, or None without context."""
+    return (SIZES[cfg.model_size]["deter"], 32) if cfg.replay_context else None
+
+
 def build_agent(cfg, num_actions, device):
     """The agent of `cfg.model_size` and its optimizer (one LaProp, a parameter group per lr)."""
     agent = Dreamer(num_actions, discount=cfg.discount, lam=cfg.lam,
@@ -404,16 +424,25 @@ def load_weights(cfg, checkpoint, agent, opt=None):
                          f"{cfg.model_size} model ({type(e).__name__}: {detail})") from None
 
 
+def window_start(batch):
+    """The replay context of a batch (latent and action of the step before each window), or None
+    for windows that start from the zero state."""
+    if "start_deter" not in batch:
+        return None
+    return batch["start_deter"], batch["start_stoch"], batch["start_action"]
+
+
 def train_step(agent, opt, batch, loss_fn=None, autocast=None):
     """One optimizer step on all losses (world model, actor, critic, replay value).
 
     batch: dict of tensors (B, T, ...) on the agent's device, as `Replay.sample` gives them.
+    Returns the metrics and the posterior latents of the batch (see `Dreamer.loss`).
     """
     agent.train()
     with autocast or contextlib.nullcontext():
-        total, metrics = (loss_fn or agent.loss)(batch["obs"], batch["action"], batch["reward"],
-                                                  batch["is_first"], batch["is_last"],
-                                                  batch["is_terminal"])
+        total, metrics, latents = (loss_fn or agent.loss)(batch["obs"], batch["action"], batch["reward"],
+                                                           batch["is_first"], batch["is_last"],
+                                                           batch["is_terminal"], window_start(batch))
     opt.zero_grad(set_to_none=True)
     total.backward()
     for group, params in zip(("wm", "actor", "critic"), opt.param_groups):
@@ -421,7 +450,7 @@ def train_step(agent, opt, batch, loss_fn=None, autocast=None):
                                                                            float("inf"))
     opt.step()
     agent.update_slow_critic()
-    return metrics
+    return metrics, latents
 
 
 def seed_everything(seed):

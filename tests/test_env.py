@@ -5,9 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import train
 from env import check_env_id, make_env
+from replay import from_bf16_bits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,3 +127,35 @@ def test_process_exits_with_env_workers_still_open():
                             text=True, timeout=60)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_replay_context_is_the_acting_latent_of_the_step_before_the_window(tmp_path):
+    """Through the real collection path: the start latent and action of a sampled window, stepped
+    once through the RSSM with the window's first frame, give the latent the agent stored when it
+    acted on that frame. A start taken from the wrong step, or the wrong previous action, fails."""
+    trainer = trainer_for("tests.scripted:Terminate-v0", tmp_path)
+    try:
+        stored(trainer, 14)
+    finally:
+        trainer.close()
+    agent, replay = trainer.agent, trainer.replay
+    batch = replay.sample(32, 5)
+    assert not batch["is_first"][:, 0].all() and batch["is_first"][:, 0].any()
+    b = trainer.to_tensors(batch)
+    (deter, stoch), prev_action = agent.window_start(b["action"], train.window_start(b))
+    with torch.no_grad():
+        predicted, _, _ = agent.rssm.obs_step(deter, stoch, prev_action[:, 0],
+                                              agent.encoder(b["obs"][:, 0]), b["is_first"][:, 0])
+    acted = torch.as_tensor(from_bf16_bits(replay.data["deter"][batch["env"], batch["index"][:, 0]]))
+    # bfloat16 storage of the start latent and of the acted one: equal to a few bf16 ulps.
+    assert torch.allclose(predicted, acted, atol=0.03)
+    # Off by one: the window's own first step as the start, or its own action as the previous.
+    continuing = torch.as_tensor(~batch["is_first"][:, 0])
+    own = torch.as_tensor(from_bf16_bits(replay.data["deter"][batch["env"], batch["index"][:, 0]]))
+    own_action = torch.nn.functional.one_hot(b["action"][:, 0], 2).float()
+    for d, a, rows in ((own, prev_action[:, 0], continuing),
+                       (deter, own_action, continuing & (b["action"][:, 0] != b["start_action"]))):
+        assert rows.any()
+        with torch.no_grad():
+            wrong, _, _ = agent.rssm.obs_step(d, stoch, a, agent.encoder(b["obs"][:, 0]), b["is_first"][:, 0])
+        assert (wrong - acted).abs()[rows].amax(-1).min() > 0.03

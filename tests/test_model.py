@@ -281,7 +281,7 @@ def test_full_loss_and_update_change_parameters_and_stay_finite():
     train.train_step(agent, opt, b)
     # Two updates: on the first, the zero output layers of reward head and critic block the
     # gradient to the layers below them.
-    metrics = train.train_step(agent, opt, b)
+    metrics, _ = train.train_step(agent, opt, b)
     assert all(torch.isfinite(v).all() for v in metrics.values())
     assert all(not torch.equal(a, p) for a, p in zip(before, agent.parameters()))
     for key in ["loss/rec", "loss/rew", "loss/con", "loss/dyn", "loss/rep", "loss/policy",
