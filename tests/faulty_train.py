@@ -3,8 +3,9 @@ runs `train.main(ARGS)` after patching the process (train.py itself has no test 
 denormal floats flushed to zero for speed.
 
 Faults are chosen by environment variables, read only here:
-- FAULT_SLOW_SAVE=N: the N-th checkpoint write of this process writes half of the file, then
-  sleeps for a minute before it writes the rest (time for a kill -9 in the middle of a save).
+- FAULT_SLOW_SAVE=N: the N-th checkpoint write of this process writes half of the file, says so
+  on stderr, then sleeps for a minute before it writes the rest (time for a kill -9 in the
+  middle of a save).
 - FAULT_ENOSPC=2,4-: checkpoint writes number 2 and 4 onwards write half of the file, then fail
   with OSError(ENOSPC), as on a full disk.
 - FAULT_NAN_AFTER=N: every replayed batch after the N-th has NaN rewards.
@@ -47,6 +48,7 @@ def faulty_save(payload, f, *args, **kwargs):
     f.flush()
     if full:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    print(f"fault: slow save, half of {f.name} written", file=sys.stderr, flush=True)
     time.sleep(60)
     f.write(data[len(data) // 2:])
 

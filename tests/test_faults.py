@@ -102,7 +102,7 @@ def test_kill_9_at_random_moments_always_leaves_a_checkpoint_that_resumes(tmp_pa
     tmp = tmp_path / "checkpoint.pt.tmp"
     tmp.unlink(missing_ok=True)  # what a kill above may have left
     proc = start(tmp_path, "--resume", str(ckpt), env={"FAULT_SLOW_SAVE": "1"})
-    wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0, proc)
+    wait_for(lambda: "fault: slow save" in proc.stderr_path.read_text(), proc)
     kill_group(proc)
     assert digest(ckpt) == before
     saved = load_checkpoint(str(ckpt))["counters"]["env_steps"]
