@@ -251,7 +251,7 @@ def children(pid):
 
 
 def test_run_survives_a_killed_env_worker(tmp_path):
-    proc = start(tmp_path, *FAST, "--total_steps", "96", "--run_dir", str(tmp_path))
+    proc = start(tmp_path, *FAST, "--total_steps", "64", "--run_dir", str(tmp_path))
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and "loss/rec" in metrics.read_text(), proc)
     workers = children(proc.pid)
@@ -262,7 +262,7 @@ def test_run_survives_a_killed_env_worker(tmp_path):
     assert "Traceback" not in stderr
     warnings = [line for line in stderr.splitlines() if "died" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: env worker 0"), stderr[-2000:]
-    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["counters"]["env_steps"] == 96
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["counters"]["env_steps"] == 64
 
 
 # ---------------------------------------------------------------------------------------------
