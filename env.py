@@ -13,12 +13,15 @@ import difflib
 import importlib
 import multiprocessing
 import signal
+import time
 import weakref
 
 import cv2
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector.async_vector_env import AsyncState
+
+from utils import warn
 
 IMAGE_SIZE = 64
 
@@ -210,6 +213,10 @@ class Episodes:
                 for i in np.flatnonzero(self.is_last)]
 
 
+# What the pipe to a worker raises once the worker process is gone (killed, segfault).
+WORKER_DIED = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
 class Collector:
     """The collection step, written once: act on o_t → store the step → step the envs → flags.
 
@@ -217,10 +224,16 @@ class Collector:
     step holds o_t, the reward and flags that arrived with o_t (from `Episodes`) and a_t, the
     action chosen at o_t. `step` is `send` followed by `receive`; a caller may do other work
     (updates) between the two while the env workers step.
+
+    With `rebuild` (a function returning a new vector env), a worker that dies (killed, a
+    segfault in an emulator) does not stop the run: the vector env is replaced and every env
+    starts a new episode (see `restart`).
     """
 
-    def __init__(self, envs, seed=0):
-        self.envs = envs
+    def __init__(self, envs, seed=0, rebuild=None):
+        self.envs, self.seed, self.rebuild = envs, seed, rebuild
+        self.restarts = 0
+        self.failure = None  # a worker death seen by send, handled by receive
         self.episodes = Episodes(envs.num_envs)
         self.obs, _ = envs.reset(seed=seed)
 
@@ -234,18 +247,54 @@ class Collector:
             store(self.obs, action=action, reward=ep.reward, is_first=ep.is_first,
                   is_last=ep.is_last, is_terminal=ep.is_terminal)
         if hasattr(self.envs, "step_async"):
-            self.envs.step_async(action)
+            try:
+                self.envs.step_async(action)
+            except WORKER_DIED as e:
+                self.failure = e
         else:  # a synchronous vector env steps in receive()
             self.pending = action
 
     def receive(self):
         """Wait for the envs; returns [(env index, return, length)] of the episodes that ended."""
-        if hasattr(self.envs, "step_wait"):
-            self.obs, reward, terminated, truncated, _ = self.envs.step_wait()
-        else:
-            self.obs, reward, terminated, truncated, _ = self.envs.step(self.pending)
+        try:
+            if self.failure is not None:
+                raise self.failure
+            if hasattr(self.envs, "step_wait"):
+                self.obs, reward, terminated, truncated, _ = self.envs.step_wait()
+            else:
+                self.obs, reward, terminated, truncated, _ = self.envs.step(self.pending)
+        except WORKER_DIED as e:
+            self.failure = None
+            if self.rebuild is None:
+                raise
+            self.restart(e)
+            return []
         return self.episodes.step(reward, terminated, truncated)
 
     def step(self, policy, store=None):
         self.send(policy, store)
         return self.receive()
+
+    def restart(self, error):
+        """Replace a vector env whose worker died and reset every env.
+
+        The episodes in flight end there: they are not terminal (nothing ended them in the
+        game), and they are not reported as finished, since their returns are incomplete. The
+        reset observations become the next stored steps with is_first (reward 0, not last), as
+        after any reset, so the RSSM and the acting state start afresh. The last step stored
+        before the failure keeps is_last false: it was stored before the failure was known.
+        """
+        old = self.envs
+        deadline = time.time() + 1.0  # the pipe breaks a moment before the process is reaped
+        dead = [i for i, p in enumerate(old.processes) if not p.is_alive()]
+        while not dead and time.time() < deadline:
+            time.sleep(0.05)
+            dead = [i for i, p in enumerate(old.processes) if not p.is_alive()]
+        codes = ", ".join(f"{i} (exit code {old.processes[i].exitcode})" for i in dead) or "?"
+        old.close(terminate=True)
+        self.envs = self.rebuild()
+        self.restarts += 1
+        self.episodes = Episodes(self.envs.num_envs)
+        self.obs, _ = self.envs.reset(seed=self.seed + 10_000 * self.restarts)
+        warn(f"env worker {codes} died ({type(error).__name__}); the vector env was rebuilt and "
+             f"its {self.envs.num_envs} episodes in flight ended (not terminal); training continues")

@@ -25,7 +25,17 @@ from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
 from replay import Replay
-from utils import Logger, load_checkpoint, panels, save_checkpoint, warn, write_image, write_media, write_video
+from utils import (
+    Logger,
+    load_checkpoint,
+    lock_run_dir,
+    panels,
+    save_checkpoint,
+    warn,
+    write_image,
+    write_media,
+    write_video,
+)
 
 SIZES = {  # --model_size presets (stoch is always 32 latents)
     "tiny": dict(deter=128, hidden=64, classes=8, depth=8, units=64),
@@ -211,6 +221,14 @@ class Every:
 # ---------------------------------------------------------------------------------------------
 # Training
 
+# Updates in a row with a non-finite loss or gradient after which the run stops: one bad batch is
+# skipped, but a run whose every update fails has diverged and only wastes its budget.
+MAX_SKIPPED_UPDATES = 20
+
+
+class RunError(RuntimeError):
+    """A fault the run cannot go on from; the last checkpoint written is kept as it is."""
+
 
 class Trainer:
     """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
@@ -227,30 +245,41 @@ class Trainer:
         # Collection and updates alternate (the workers wait while torch runs and the other way
         # round), so torch keeps its default threads. Any failure from here on must close the
         # workers, or the process would wait for them forever.
-        self.envs = make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions)
+        envs = make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions)
+        self.lock = None
         try:
-            self.num_actions = int(self.envs.single_action_space.n)
+            self.num_actions = int(envs.single_action_space.n)
             self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
             self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
-            self.counters = dict(env_steps=0, updates=0, episodes=0, best_return=None)
+            self.counters = dict(env_steps=0, updates=0, episodes=0, best_return=None,
+                                 skipped_updates=0)
             self.updates_due = UpdateSchedule(cfg.train_ratio, cfg.batch_size, cfg.sequence_length)
             run_id = cfg.resume_wandb_id or None
             if checkpoint is not None:
                 self.restore(checkpoint)
                 run_id = run_id or checkpoint.get("wandb_id")
-            self.collector = Collector(self.envs, seed=cfg.seed + 1000 * self.counters["updates"])
+            # A worker that dies (killed, emulator segfault) gets the vector env rebuilt.
+            self.collector = Collector(
+                envs, seed=cfg.seed + 1000 * self.counters["updates"],
+                rebuild=lambda: make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions))
             self.policy = AgentPolicy(self.agent, cfg.num_envs, self.device)
-            # Last: the Logger makes the run directory, which must not exist for a failed start.
+            # Last: the run directory must not exist for a failed start. The lock comes before
+            # anything is written there: a second run on the same directory stops here.
+            self.lock = lock_run_dir(cfg.run_dir)
             self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
                                  cfg.wandb_key, run_id, cfg.wandb_project)
         except BaseException:
-            self.envs.close(terminate=True)
+            envs.close(terminate=True)
+            if self.lock is not None:
+                self.lock.close()
             raise
         self.recent_returns = []
         self.train_metrics = {}
         self.video_frames = None
         self.env0_episodes = 0
         self.replay_steps = 0  # steps stored since this process started (replay is not saved)
+        self.skipped_in_a_row = 0
+        self.saved_step = self.counters["env_steps"] if checkpoint is not None else None
         step = self.counters["env_steps"]
         # log_interval 0 logs at every collection step, checkpoint_interval 0 only at the end.
         self.log_due = Every(max(cfg.log_interval, 1), last=step)
@@ -258,6 +287,10 @@ class Trainer:
         self.eval_due = Every(cfg.eval_interval, last=step)
         # (time, env steps, updates) at the last log of training scalars, for the rates
         self.since_log = (time.time(), step, self.counters["updates"])
+
+    @property
+    def envs(self):  # the collector's: it replaces the vector env when a worker dies
+        return self.collector.envs
 
     def restore(self, checkpoint):
         """Agent, optimizer, counters and RNG states of a checkpoint (from `load_checkpoint`)."""
@@ -288,6 +321,8 @@ class Trainer:
         for _ in range(self.updates_due(cfg.num_envs)):
             batch = self.replay.sample(cfg.batch_size, cfg.sequence_length)
             metrics = self.update(batch)
+            if metrics is None:  # skipped: a non-finite loss or gradient
+                continue
             for k, v in metrics.items():
                 self.train_metrics.setdefault(k, []).append(v)
             if cfg.image_interval and self.counters["updates"] % cfg.image_interval == 0:
@@ -304,8 +339,23 @@ class Trainer:
         self.replay.add(obs, **step)
 
     def update(self, batch):
+        """One update; None when it was skipped (non-finite loss or gradient: nothing changed).
+        Raises RunError after MAX_SKIPPED_UPDATES skips in a row."""
         metrics, latents = train_step(self.agent, self.opt, self.to_tensors(batch), self.loss_fn,
                                       self.autocast)
+        if metrics is None:
+            self.counters["skipped_updates"] += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row == 1:
+                warn(f"update {self.counters['updates'] + 1} skipped: non-finite loss or gradient "
+                     f"(weights, optimizer and normaliser unchanged)")
+            if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES:
+                kept = "no checkpoint was written" if self.saved_step is None else \
+                    f"the checkpoint of step {self.saved_step} is kept"
+                raise RunError(f"{self.skipped_in_a_row} updates in a row had a non-finite loss or "
+                               f"gradient; stopping ({kept})")
+            return None
+        self.skipped_in_a_row = 0
         if self.replay.context:  # the stored context of the replayed steps, from the newer model
             self.replay.refresh(batch["env"], batch["index"], latents["deter"].float().cpu().numpy(),
                                 latents["stoch"].cpu().numpy().astype(np.uint8))
@@ -347,6 +397,7 @@ class Trainer:
         metrics["fps/updates"] = (self.counters["updates"] - u0) / max(now - t0, 1e-9)
         metrics["replay/size"] = len(self.replay)
         metrics["train/updates"] = self.counters["updates"]
+        metrics["opt/skipped_updates"] = self.counters["skipped_updates"]
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
@@ -379,6 +430,7 @@ class Trainer:
         return record
 
     def save(self):
+        """Write checkpoint.pt. Raises OSError (e.g. disk full) with the previous one intact."""
         save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
             "agent": self.agent.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -388,11 +440,23 @@ class Trainer:
             "wandb_id": self.logger.run_id,
             "num_actions": self.num_actions,
         })
-        self.checkpoint_due.last = self.counters["env_steps"]
+        self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
+
+    def save_or_warn(self):
+        """The periodic checkpoint: a failed write warns, and the next interval tries again."""
+        try:
+            self.save()
+        except OSError as e:
+            kept = "no checkpoint yet" if self.saved_step is None else \
+                f"the checkpoint of step {self.saved_step} is kept"
+            warn(f"could not write the checkpoint at step {self.counters['env_steps']} "
+                 f"({e.strerror or e}); {kept}; training continues and retries in "
+                 f"{self.cfg.checkpoint_interval} steps")
 
     def close(self):
         self.envs.close()
         self.logger.close()
+        self.lock.close()  # releases the run directory
 
 
 def replay_latent(cfg):
@@ -433,21 +497,36 @@ def window_start(batch):
 
 
 def train_step(agent, opt, batch, loss_fn=None, autocast=None):
-    """One optimizer step on all losses (world model, actor, critic, replay value).
+    """One optimizer step on all losses (world model, actor, critic, replay value); returns the
+    metrics and the posterior latents of the batch (see `Dreamer.loss`), or (None, None) when the
+    loss or a gradient is not finite: then the step is skipped and nothing changes (parameters,
+    optimizer state, slow critic, return normaliser).
 
     batch: dict of tensors (B, T, ...) on the agent's device, as `Replay.sample` gives them.
-    Returns the metrics and the posterior latents of the batch (see `Dreamer.loss`).
     """
     agent.train()
+    # The return normaliser's EMAs move inside the loss: keep them to put back on a skip.
+    buffers = [b.clone() for b in agent.buffers()]
     with autocast or contextlib.nullcontext():
         total, metrics, latents = (loss_fn or agent.loss)(batch["obs"], batch["action"], batch["reward"],
                                                            batch["is_first"], batch["is_last"],
                                                            batch["is_terminal"], window_start(batch))
     opt.zero_grad(set_to_none=True)
     total.backward()
+    norms = []
     for group, params in zip(("wm", "actor", "critic"), opt.param_groups):
-        metrics[f"opt/grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(params["params"],
-                                                                           float("inf"))
+        norms.append(torch.nn.utils.clip_grad_norm_(params["params"], float("inf")))
+        metrics[f"opt/grad_norm_{group}"] = norms[-1]
+    # A NaN or inf anywhere in a group's gradients makes its norm non-finite. Deciding here costs
+    # one host sync per update (on CUDA): LaProp counts its steps in Python, so a skip cannot
+    # stay on the device. Correctness first; the acting step syncs every env step anyway.
+    finite = torch.isfinite(torch.stack([total.detach().float(), *[n.float() for n in norms]])).all()
+    if not finite.item():
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(agent.buffers(), buffers):
+                b.copy_(saved)
+        return None, None
     opt.step()
     agent.update_slow_critic()
     return metrics, latents
@@ -495,7 +574,7 @@ def train(trainer):
     """The loop: collect → update → log → checkpoint, until total_steps or a stop signal."""
     cfg = trainer.cfg
     flag = StopFlag()
-    c, interrupted = trainer.counters, False
+    c, interrupted, failure = trainer.counters, False, None
     bar = tqdm(total=cfg.total_steps, initial=min(c["env_steps"], cfg.total_steps), unit="step",
                dynamic_ncols=True, mininterval=1.0)
     try:
@@ -514,20 +593,30 @@ def train(trainer):
             if trainer.eval_due(c["env_steps"]):
                 trainer.run_evaluation()
             if trainer.checkpoint_due(c["env_steps"]):
-                trainer.save()
+                trainer.save_or_warn()
     except KeyboardInterrupt:
         # A second signal may land inside an optimizer step: keep the last checkpoint instead.
         interrupted = True
+    except RunError as e:
+        failure = str(e)
     finally:
         bar.close()
         try:
-            if not interrupted:
+            if not interrupted and failure is None:
                 trainer.save()
+        except OSError as e:
+            kept = "no checkpoint was written" if trainer.saved_step is None else \
+                f"the checkpoint of step {trainer.saved_step} is kept"
+            failure = f"could not write the final checkpoint at step {c['env_steps']} " \
+                      f"({e.strerror or e}); {kept}"
         finally:
             trainer.close()
     if interrupted:
         print("stopped without saving; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(1)
     print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
           f"checkpoint in {os.path.join(cfg.run_dir, 'checkpoint.pt')}")
     return trainer

@@ -1,4 +1,7 @@
-"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O."""
+"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O and
+the run directory's lock."""
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -8,10 +11,13 @@ import warnings
 import imageio.v2 as imageio
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    # tqdm.write puts the line above the progress bar instead of in the middle of it.
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -19,10 +25,34 @@ def warn(message):
 
 
 def save_checkpoint(path, payload):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, fsync it, rename it over `path`, fsync the directory.
+
+    A crash at any moment (kill -9, power loss) leaves either the previous checkpoint or the new
+    one, never a half-written file: the rename is atomic, and the fsyncs make sure that the
+    renamed file holds its data and that the rename itself reaches the disk. A failed write (e.g.
+    OSError ENOSPC, disk full) removes the temporary file, leaves the previous checkpoint as it
+    was and raises.
+    """
     tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path):
@@ -39,6 +69,27 @@ def load_checkpoint(path):
     if missing:
         raise ValueError(f"--resume {path}: not a checkpoint of this program (missing {sorted(missing)})")
     return payload
+
+
+def lock_run_dir(run_dir):
+    """Make `run_dir` and hold an exclusive lock on <run_dir>/.lock for the life of the process
+    (until the returned file is closed), so that two runs never write one checkpoint. The kernel
+    drops the lock when the process ends, also after kill -9, so a crashed run never blocks its
+    resume. Raises ValueError with one line when another live process holds it."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        lock.close()
+        raise ValueError(f"--run_dir {run_dir} is in use by another run (pid {owner}); wait for it "
+                         f"to end or choose another --run_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +149,17 @@ def panels(truth, recon, openloop, context):
 # Logging
 
 
+# Seconds an online wandb start waits for the server before the run logs offline instead
+# (wandb's own WANDB_INIT_TIMEOUT variable overrides it).
+WANDB_INIT_TIMEOUT = 15.0
+
+
 class Logger:
     """Writes every scalar to <run_dir>/metrics.jsonl and, when available, to wandb.
 
-    wandb never stops training: a failing init or log falls back to local files only.
+    wandb never stops training: an online start that cannot reach the server within
+    WANDB_INIT_TIMEOUT seconds falls back to offline, and a failing init or log falls back to
+    local files only.
     """
 
     def __init__(self, run_dir, config, mode="offline", key_file=None, run_id=None,
@@ -121,7 +179,11 @@ class Logger:
                 mode = "online"
             else:
                 mode = "offline" if mode == "online" else mode
-            settings = wandb.Settings(init_timeout=60, silent=True, console="off")
+            # wandb's own console lines (e.g. "Loaded credentials") would clutter the one-line
+            # warnings below.
+            os.environ.setdefault("WANDB_SILENT", "true")
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT))
+            settings = wandb.Settings(init_timeout=timeout, silent=True, console="off")
             kwargs = dict(project=project, config=config, dir=run_dir, mode=mode, id=run_id,
                           resume="allow", settings=settings)
             try:
@@ -129,7 +191,8 @@ class Logger:
             except Exception as e:
                 if mode != "online":
                     raise
-                warn(f"wandb online init failed ({type(e).__name__}); logging offline instead")
+                warn(f"wandb could not start online within {timeout:g} s ({type(e).__name__}); "
+                     f"logging offline instead (upload later with wandb sync)")
                 self.wandb = wandb.init(**{**kwargs, "mode": "offline"})
             self.run_id = self.wandb.id
             # Charts use the agent step as their x-axis, not wandb's own step: after a resume
