@@ -130,3 +130,10 @@ def test_atari100k_script_trains_then_evaluates_with_hns(tmp_path):
     assert record["hns"] == pytest.approx((record["mean"] + 20.7) / 35.3)
     assert "human-normalised" in proc.stdout
     assert (run / "eval_32.mp4").exists() and (run / "return_curve.png").exists()
+
+
+def test_ddp_speed_at_world_size_2():
+    r = run_bench("ddp_speed.py", "--world_sizes", "2", "--batch_size", "2", "--sequence_length", "4",
+                  "--horizon", "2", "--updates", "1", "--warmup_updates", "0")
+    assert r["world_size"] == 2 and r["backend"] == "gloo"
+    assert r["replayed_steps_per_sec"] == pytest.approx(2 * 2 * 4 / r["sec_per_update_median"])
