@@ -47,6 +47,17 @@ def metrics(run_dir):
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
+def test_without_torchrun_nothing_distributed_is_initialised(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    distributed.init("cpu")
+    assert not torch.distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.sync_step([(0, 1.0, 5)], True, 1) == ([(0, 1.0, 5)], True)
+    x = torch.arange(3.0)
+    assert distributed.gather(x) is x and distributed.rank_seed(7) == 7
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     run_dir, weights = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("weights")
