@@ -136,10 +136,15 @@ class Normalize(nn.Module):
         # EMAs of the two percentiles.
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
+        # Under torchrun, a function giving x of every rank, (N,) → (ranks·N,), so that all ranks
+        # take the same percentiles (set by distributed.synchronise).
+        self.gather = None
 
     @torch.no_grad()
     def update(self, x):
         x = x.detach().float().flatten()
+        if self.gather is not None:
+            x = self.gather(x)
         quant = torch.quantile(x, torch.tensor([self.qlo, self.qhi], device=x.device))
         self.lo.lerp_(quant[0], self.rate)
         self.hi.lerp_(quant[1], self.rate)

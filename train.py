@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
@@ -234,14 +235,18 @@ class Trainer:
     """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
 
     def __init__(self, cfg, checkpoint=None):
+        if not distributed.is_main():  # under torchrun only rank 0 writes media and evaluates
+            cfg = dataclasses.replace(cfg, video_interval=0, image_interval=0, eval_interval=0)
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.ranks = distributed.world_size()
+        self.device = distributed.rank_device(pick_device(cfg.device))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16" and self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        seed_everything(cfg.seed)
-        self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=cfg.seed)
+        seed = distributed.rank_seed(cfg.seed)
+        seed_everything(seed)
+        self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=seed)
         # Collection and updates alternate (the workers wait while torch runs and the other way
         # round), so torch keeps its default threads. Any failure from here on must close the
         # workers, or the process would wait for them forever.
@@ -258,16 +263,21 @@ class Trainer:
             if checkpoint is not None:
                 self.restore(checkpoint)
                 run_id = run_id or checkpoint.get("wandb_id")
+            distributed.synchronise(self.agent)
             # A worker that dies (killed, emulator segfault) gets the vector env rebuilt.
             self.collector = Collector(
-                envs, seed=cfg.seed + 1000 * self.counters["updates"],
+                envs, seed=seed + 1000 * self.counters["updates"],
                 rebuild=lambda: make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions))
             self.policy = AgentPolicy(self.agent, cfg.num_envs, self.device)
             # Last: the run directory must not exist for a failed start. The lock comes before
-            # anything is written there: a second run on the same directory stops here.
-            self.lock = lock_run_dir(cfg.run_dir)
-            self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
-                                 cfg.wandb_key, run_id, cfg.wandb_project)
+            # anything is written there: a second run on the same directory stops here. Under
+            # torchrun rank 0 alone writes the run directory.
+            if distributed.is_main():
+                self.lock = lock_run_dir(cfg.run_dir)
+                self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
+                                     cfg.wandb_key, run_id, cfg.wandb_project)
+            else:
+                self.logger = distributed.NullLogger()
         except BaseException:
             envs.close(terminate=True)
             if self.lock is not None:
@@ -277,7 +287,7 @@ class Trainer:
         self.train_metrics = {}
         self.video_frames = None
         self.env0_episodes = 0
-        self.replay_steps = 0  # steps stored since this process started (replay is not saved)
+        self.replay_steps = 0  # steps stored (by all ranks) since this run started (replay is not saved)
         self.skipped_in_a_row = 0
         self.saved_step = self.counters["env_steps"] if checkpoint is not None else None
         step = self.counters["env_steps"]
@@ -299,6 +309,8 @@ class Trainer:
         # The update credit was called train_acc in checkpoints of earlier versions.
         self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
         self.counters.update(counters)
+        if not distributed.is_main():  # the RNG states are rank 0's; the other ranks keep their seeds
+            return
         restore_rng(checkpoint.get("rng"))
         if "replay" in checkpoint.get("rng", {}):
             self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
@@ -309,8 +321,9 @@ class Trainer:
         """Act in every env once and store the step; returns finished episodes."""
         self.record_video_frame()
         finished = self.collector.step(self.policy, self.store)
-        self.counters["env_steps"] += self.cfg.num_envs
-        self.replay_steps += self.cfg.num_envs
+        # Agent steps count the whole job: under torchrun every rank stepped its envs once.
+        self.counters["env_steps"] += self.cfg.num_envs * self.ranks
+        self.replay_steps += self.cfg.num_envs * self.ranks
         return finished
 
     def run_updates(self):
@@ -395,7 +408,7 @@ class Trainer:
         metrics = {k: float(torch.stack(v).float().mean()) for k, v in self.train_metrics.items()}
         metrics["fps/env"] = (step - s0) / max(now - t0, 1e-9)
         metrics["fps/updates"] = (self.counters["updates"] - u0) / max(now - t0, 1e-9)
-        metrics["replay/size"] = len(self.replay)
+        metrics["replay/size"] = len(self.replay) * self.ranks
         metrics["train/updates"] = self.counters["updates"]
         metrics["opt/skipped_updates"] = self.counters["skipped_updates"]
         if self.recent_returns:
@@ -431,6 +444,9 @@ class Trainer:
 
     def save(self):
         """Write checkpoint.pt. Raises OSError (e.g. disk full) with the previous one intact."""
+        if not distributed.is_main():  # under torchrun rank 0 alone writes the checkpoint
+            self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
+            return
         save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
             "agent": self.agent.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -456,7 +472,8 @@ class Trainer:
     def close(self):
         self.envs.close()
         self.logger.close()
-        self.lock.close()  # releases the run directory
+        if self.lock is not None:
+            self.lock.close()  # releases the run directory
 
 
 def replay_latent(cfg):
@@ -513,6 +530,7 @@ def train_step(agent, opt, batch, loss_fn=None, autocast=None):
                                                            batch["is_terminal"], window_start(batch))
     opt.zero_grad(set_to_none=True)
     total.backward()
+    distributed.average_gradients(agent.parameters())  # torchrun: the same mean gradient on all ranks
     norms = []
     for group, params in zip(("wm", "actor", "critic"), opt.param_groups):
         norms.append(torch.nn.utils.clip_grad_norm_(params["params"], float("inf")))
@@ -559,14 +577,19 @@ class StopFlag:
     """Turns SIGINT / SIGTERM into a flag so the loop can write its checkpoint and exit."""
 
     def __init__(self):
-        self.stop = False
+        self.stop, self.since = False, None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.stop:  # a second Ctrl-C stops at once, without saving (see train)
-            raise KeyboardInterrupt
-        self.stop = True
+        if self.stop:
+            # A second Ctrl-C stops at once, without saving (see train). Under torchrun one
+            # Ctrl-C reaches a rank twice (from the terminal, then forwarded by torchrun): a
+            # signal within a second of the first is the same request.
+            if time.monotonic() - self.since > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.stop, self.since = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: saving checkpoint and stopping", file=sys.stderr)
 
 
@@ -574,15 +597,17 @@ def train(trainer):
     """The loop: collect → update → log → checkpoint, until total_steps or a stop signal."""
     cfg = trainer.cfg
     flag = StopFlag()
-    c, interrupted, failure = trainer.counters, False, None
+    c, interrupted, failure, stop = trainer.counters, False, None, False
     bar = tqdm(total=cfg.total_steps, initial=min(c["env_steps"], cfg.total_steps), unit="step",
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_main())
     try:
-        while c["env_steps"] < cfg.total_steps and not flag.stop:
+        while c["env_steps"] < cfg.total_steps and not stop:
             finished = trainer.collect()
             trainer.run_updates()
+            # Under torchrun: every rank's episodes, and a stop asked of any rank stops all.
+            finished, stop = distributed.sync_step(finished, flag.stop, cfg.num_envs)
             trainer.log_episodes(finished)
-            bar.update(cfg.num_envs)
+            bar.update(cfg.num_envs * trainer.ranks)
             if trainer.log_due(c["env_steps"]):
                 metrics = trainer.log_train()
                 nan = float("nan")
@@ -617,8 +642,9 @@ def train(trainer):
     if failure is not None:
         print(f"error: {failure}", file=sys.stderr)
         sys.exit(1)
-    print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
-          f"checkpoint in {os.path.join(cfg.run_dir, 'checkpoint.pt')}")
+    if distributed.is_main():
+        print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
+              f"checkpoint in {os.path.join(cfg.run_dir, 'checkpoint.pt')}")
     return trainer
 
 
@@ -676,9 +702,9 @@ def prepare(cfg, given=None):
             raise ValueError("--eval_episodes needs --resume CHECKPOINT (evaluate it) or --eval_interval N "
                              "(evaluate during training)")
     check_config(cfg)
-    if not cfg.run_dir:
+    if not cfg.run_dir:  # under torchrun, rank 0's: the ranks may start in different seconds
         game = cfg.env.split(":")[-1].replace("ALE/", "").replace("/", "_")
-        cfg.run_dir = os.path.join("runs", f"{game}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.run_dir = distributed.from_main(os.path.join("runs", f"{game}-{time.strftime('%Y%m%d-%H%M%S')}"))
     check_run_dir(cfg.run_dir)
     existing = os.path.join(cfg.run_dir, "checkpoint.pt")
     if checkpoint is None and os.path.exists(existing):
@@ -729,20 +755,31 @@ def warn_if_disk_too_small(cfg):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
+    distributed.init(cfg.device)  # only under torchrun
     try:
         checkpoint = prepare(cfg, given)
         if evaluation_only(cfg, given):
-            record = evaluate_checkpoint(cfg, checkpoint)
-            print(f"{describe(record)}; written to {record['path']}")
+            if distributed.is_main():
+                record = evaluate_checkpoint(cfg, checkpoint)
+                print(f"{describe(record)}; written to {record['path']}")
             return
         trainer = Trainer(cfg, checkpoint)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # the same on every rank of a torchrun job: rank 0 says it
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a path that passed the checks and failed anyway (a race, a full disk)
-        print(f"error: {e.filename or cfg.run_dir}: {e.strerror or e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"error: {e.filename or cfg.run_dir}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
-    train(trainer)
+    try:
+        train(trainer)
+    except Exception as e:
+        if not distributed.active():
+            raise
+        distributed.exit_on_error(e)  # one line, not one traceback per rank
+    distributed.dump_weights(trainer.agent)
+    distributed.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Time one update (train.train_step with the gradient all-reduce of a torchrun job) at world
+size 1 and 2 on this machine's CPU, one process per rank over gloo, each with its own batch.
+
+    python bench/ddp_speed.py --model_size tiny --world_sizes 1 2
+
+Prints one JSON line per world size: seconds per update (the slowest rank's median), and the
+job's replayed steps per second (ranks × B × T per update). On CPU the ranks share the cores, so
+the figures check that the distributed path runs, not how it scales on GPUs.
+"""
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+import common  # noqa: F401  (puts the repo root on sys.path)
+import distributed
+import train
+from update_speed import synthetic_batch
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank, world, port, args, queue):
+    if world > 1:  # the variables torchrun would set
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                          RANK=str(rank), LOCAL_RANK=str(rank))
+        distributed.init("cpu")
+    torch.set_num_threads(args.threads)
+    train.seed_everything(args.seed)
+    cfg = train.Config(model_size=args.model_size, batch_size=args.batch_size,
+                       sequence_length=args.sequence_length, imagination_horizon=args.horizon)
+    agent, opt = train.build_agent(cfg, args.num_actions, torch.device("cpu"))
+    distributed.synchronise(agent)
+    batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions,
+                            torch.device("cpu"), args.seed + rank)
+    times = []
+    for i in range(args.warmup_updates + args.updates):
+        start = time.perf_counter()
+        train.train_step(agent, opt, batch)
+        if i >= args.warmup_updates:
+            times.append(time.perf_counter() - start)
+    queue.put(statistics.median(times))
+    distributed.close()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_size", default="tiny", choices=list(train.SIZES))
+    p.add_argument("--batch_size", type=int, default=16, help="B per rank")
+    p.add_argument("--sequence_length", type=int, default=64)
+    p.add_argument("--horizon", type=int, default=15, help="imagination horizon")
+    p.add_argument("--world_sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--warmup_updates", type=int, default=1, help="untimed updates first")
+    p.add_argument("--updates", type=int, default=3, help="timed updates")
+    p.add_argument("--num_actions", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.updates < 1 or min(args.world_sizes) < 1:
+        p.error("--updates and --world_sizes must be >= 1")
+
+    for world in args.world_sizes:
+        with common.quiet_stdout():
+            queue = mp.get_context("spawn").SimpleQueue()
+            mp.spawn(rank_main, args=(world, free_port(), args, queue), nprocs=world)
+            median = max(queue.get() for _ in range(world))  # an update ends when the slowest rank's does
+        common.emit(dict(
+            device="cpu", backend="gloo" if world > 1 else "none", world_size=world,
+            model_size=args.model_size, batch_size_per_rank=args.batch_size,
+            sequence_length=args.sequence_length, horizon=args.horizon, threads_per_rank=args.threads,
+            cpu_count=os.cpu_count(), sec_per_update_median=median,
+            replayed_steps_per_sec=world * args.batch_size * args.sequence_length / median,
+        ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

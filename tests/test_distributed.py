@@ -1,0 +1,238 @@
+"""Training on two CPU processes (gloo) with torchrun: the same weights on every rank, one
+distributed update equal to one update on the whole batch, rank 0 alone writing, resuming in one
+process and on two ranks, SIGTERM on one rank and a rank that fails."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed
+import model
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model_size", "tiny", "--num_envs", "1", "--batch_size", "2", "--sequence_length", "8",
+        "--imagination_horizon", "3", "--train_ratio", "8", "--learning_starts", "16",
+        "--log_interval", "16", "--capacity", "1000", "--wandb_mode", "disabled",
+        "--video_interval", "0", "--image_interval", "0"]
+
+
+def torchrun(*args, weights_dir=None, wait=True):
+    """`torchrun --standalone --nproc_per_node 2 train.py ARGS` (a Popen when not wait)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if weights_dir is not None:
+        env[distributed.WEIGHTS_DIR_VAR] = str(weights_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train.py", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def rank_weights(folder):
+    return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # complete lines (a run may be writing)
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def test_without_torchrun_nothing_distributed_is_initialised(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    distributed.init("cpu")
+    assert not torch.distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.sync_step([(0, 1.0, 5)], True, 1) == ([(0, 1.0, 5)], True)
+    x = torch.arange(3.0)
+    assert distributed.gather(x) is x and distributed.rank_seed(7) == 7
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    run_dir, weights = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("weights")
+    result = torchrun("--env", "tests.catch:Catch-v0", *TINY, "--total_steps", "64",
+                      "--run_dir", str(run_dir), weights_dir=weights)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, weights, result
+
+
+def test_ranks_hold_identical_weights_after_updates(two_rank_run):
+    run_dir, weights, _ = two_rank_run
+    rank0, rank1 = rank_weights(weights)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    # 64 agent steps of the job are 32 per rank. Updates start once the job has stored 16 steps
+    # (8 per rank); each of the 25 collection steps of a rank from then on earns 8 / (2·8) of an
+    # update: 12 updates, the same on both ranks.
+    assert ckpt["counters"]["env_steps"] == 64 and ckpt["counters"]["updates"] == 12
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:  # weights, slow critic and the return normaliser's EMAs
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(rank0[name], ckpt["agent"][name]), name
+    fresh, _ = train.build_agent(train.Config(model_size="tiny"), 3, torch.device("cpu"))
+    assert not torch.equal(fresh.state_dict()["actor.0.0.weight"], rank0["actor.0.0.weight"])
+
+
+def test_only_rank_0_writes_and_every_ranks_episodes_reach_the_log(two_rank_run):
+    run_dir, _, result = two_rank_run
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "metrics.jsonl"]
+    assert result.stdout.count("done:") == 1
+    rows = metrics(run_dir)
+    episodes = [r["episode/count"] for r in rows if "episode/return" in r]
+    # A Catch episode takes 5 steps plus the reset step: 32 steps of each rank end 5 episodes,
+    # 10 in all, each written once.
+    assert episodes == list(range(1, 11))
+    trained = [r["step"] for r in rows if "train/updates" in r]
+    assert trained == sorted(set(trained)) and trained[-1] == 64
+
+
+def test_distributed_checkpoint_resumes_in_one_process(two_rank_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_rank_run[0], run_dir)
+    path = str(run_dir / "checkpoint.pt")
+    result = subprocess.run([sys.executable, "train.py", "--resume", path, "--total_steps", "96"],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = torch.load(path, weights_only=False)
+    # One process with one env: 32 more agent steps; after refilling 16 (learning_starts), 17
+    # steps earn half an update each, on top of the half carried over in the checkpoint.
+    assert after["counters"]["env_steps"] == 96
+    assert after["counters"]["updates"] == 12 + 9
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deterministic_sample(logprobs):
+    """The most likely class with straight-through gradients: one process and two processes
+    then draw the same latents and imagined actions."""
+    probs = logprobs.exp()
+    onehot = torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+    return onehot + probs - probs.detach()
+
+
+def _agent():
+    """A tiny agent with every weight, including the zero-initialised heads, randomised, so that
+    rewards, values and λ-returns (and their percentiles) are far from zero."""
+    torch.manual_seed(0)
+    cfg = train.Config(model_size="tiny", warmup=0, imagination_horizon=3, lr=1e-3,
+                       actor_lr=1e-3, critic_lr=1e-3)
+    agent, opt = train.build_agent(cfg, 3, torch.device("cpu"))
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        agent.slow_critic.load_state_dict(agent.critic.state_dict())
+    return agent, opt
+
+
+def _update(agent, opt, batch):
+    """One train_step; the gradients and the state after it."""
+    model.sample_onehot = _deterministic_sample
+    train.train_step(agent, opt, batch)
+    grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+    return grads, {k: v.clone() for k, v in agent.state_dict().items()}
+
+
+def _half_batch_update(rank, port, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    agent, opt = _agent()
+    distributed.synchronise(agent)
+    half = {k: v.chunk(2)[rank] for k, v in batch.items()}
+    torch.save(_update(agent, opt, half), os.path.join(out, f"rank{rank}.pt"))
+    distributed.close()
+
+
+def test_half_batches_on_two_ranks_equal_one_update_on_the_whole_batch(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from update_speed import synthetic_batch
+    batch = synthetic_batch(4, 8, 3, torch.device("cpu"))
+    mp.spawn(_half_batch_update, args=(_free_port(), batch, str(tmp_path)), nprocs=2)
+    monkeypatch.setattr(model, "sample_onehot", _deterministic_sample)
+    agent, opt = _agent()
+    grads, state = _update(agent, opt, batch)
+    assert abs(float(state["retnorm.hi"] - state["retnorm.lo"])) > 1e-3  # percentiles matter
+    (grads0, state0), (grads1, state1) = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert grads0.keys() == grads.keys() and state0.keys() == state.keys()
+    # The mean over ranks is the whole batch's gradient, to float rounding (sums in another
+    # order): within 1e-4 of each tensor's largest entry. (The weights after the step are not
+    # compared with the one-process ones: LaProp's first step is about lr·sign(gradient), so an
+    # entry whose gradient is rounding noise may step either way.)
+    for name in grads:
+        assert close(grads0[name], grads[name]), name
+    # The return normaliser's EMAs moved towards the percentiles of the union of the ranks'
+    # returns, as one process's did towards those of its whole batch.
+    for name in ("retnorm.lo", "retnorm.hi"):
+        assert close(state0[name], state[name]), name
+    # The two ranks hold the very same gradients, then weights, slow critic and EMAs.
+    assert all(torch.equal(grads0[name], grads1[name]) for name in grads)
+    assert all(torch.equal(state0[name], state1[name]) for name in state)
+
+
+def close(a, b, tol=1e-4):
+    return float((a - b).abs().max()) <= tol * float(b.abs().max()) + 1e-7
+
+
+def _rank_pid(torchrun_pid, rank):
+    """The pid of a rank's process: a child of torchrun with RANK=<rank> in its environment."""
+    with open(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children") as f:
+        for pid in f.read().split():
+            with open(f"/proc/{pid}/environ", "rb") as env:
+                if f"RANK={rank}".encode() in env.read().split(b"\0"):
+                    return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's pid in /proc")
+def test_two_rank_resume_then_sigterm_on_one_rank_stops_both_with_one_checkpoint(two_rank_run, tmp_path):
+    run_dir, weights = tmp_path / "run", tmp_path / "weights"
+    shutil.copytree(two_rank_run[0], run_dir)
+    weights.mkdir()
+    before = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    proc = torchrun("--resume", str(run_dir / "checkpoint.pt"), "--total_steps", "100000",
+                    weights_dir=weights, wait=False)
+    try:
+        deadline = time.time() + 120
+        while not any(r["step"] > 96 and "train/updates" in r for r in metrics(run_dir)):
+            assert time.time() < deadline and proc.poll() is None, "the resumed run did not train"
+            time.sleep(0.5)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("SIGTERM: saving checkpoint and stopping") == 1  # only rank 1 got it
+    after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 96 < after["counters"]["env_steps"] < 100_000
+    assert after["counters"]["updates"] > before["counters"]["updates"]
+    assert after["wandb_id"] == before["wandb_id"] and after["config"]["num_envs"] == 1
+    rank0, rank1 = rank_weights(weights)
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], after["agent"][k]) for k in rank0)
+
+
+def test_a_failing_rank_ends_the_job_with_one_error_line(tmp_path):
+    start = time.time()
+    result = torchrun("--env", "tests.crash:CrashOnRank1-v0", *TINY, "--total_steps", "100000",
+                      "--run_dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert time.time() - start < 120  # the other rank does not wait for its lost peer
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    # One line from the failing rank; the other rank, whose collective failed, adds none (its
+    # traceback is in torchrun's error file, which torchrun's closing summary shows).
+    assert errors == ["error: rank 1: RuntimeError: the env of rank 1 crashed"], result.stderr[-3000:]
