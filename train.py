@@ -323,12 +323,27 @@ class Trainer:
 
     def collect(self):
         """Act in every env once and store the step; returns finished episodes."""
+        self.send()
+        return self.collector.receive()
+
+    def send(self):
+        """Act on the current frames, store the step and send the actions to the env workers."""
         self.record_video_frame()
-        finished = self.collector.step(self.policy, self.store)
+        self.collector.send(self.policy, self.store)
         # Agent steps count the whole job: under torchrun every rank stepped its envs once.
         self.counters["env_steps"] += self.cfg.num_envs * self.ranks
         self.replay_steps += self.cfg.num_envs * self.ranks
-        return finished
+
+    def step(self, overlap=True):
+        """One iteration of the loop: act and store, the updates the train ratio asks for, and the
+        env step; returns finished episodes. With `overlap` the env workers step while the updates
+        run. The stored data is the same either way: the step is stored before the updates, and
+        the next action is chosen after them."""
+        self.send()
+        if not overlap:
+            finished = self.collector.receive()
+        self.run_updates()
+        return self.collector.receive() if overlap else finished
 
     def run_updates(self):
         """The updates that the train ratio asks for after one collection step."""
@@ -606,8 +621,7 @@ def train(trainer):
                dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_main())
     try:
         while c["env_steps"] < cfg.total_steps and not stop:
-            finished = trainer.collect()
-            trainer.run_updates()
+            finished = trainer.step()
             # Under torchrun: every rank's episodes, and a stop asked of any rank stops all.
             finished, stop = distributed.sync_step(finished, flag.stop, cfg.num_envs)
             trainer.log_episodes(finished)

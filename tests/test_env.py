@@ -159,3 +159,24 @@ def test_replay_context_is_the_acting_latent_of_the_step_before_the_window(tmp_p
         with torch.no_grad():
             wrong, _, _ = agent.rssm.obs_step(d, stoch, a, agent.encoder(b["obs"][:, 0]), b["is_first"][:, 0])
         assert (wrong - acted).abs()[rows].amax(-1).min() > 0.03
+
+
+def test_overlapping_env_steps_with_updates_stores_the_same_replay(tmp_path):
+    """The env workers step while the updates run; the stored steps, the updates made and the
+    weights are exactly those of the plain order (step the envs, then update)."""
+    results = []
+    for overlap in (True, False):
+        trainer = trainer_for("tests.scripted:Terminate-v0", tmp_path / str(overlap), num_envs=2,
+                              batch_size=2, learning_starts=8, train_ratio=16)
+        try:
+            for _ in range(20):
+                trainer.step(overlap)
+        finally:
+            trainer.close()
+        r = trainer.replay
+        results.append((r.obs.copy(), {k: v.copy() for k, v in r.data.items()}, dict(trainer.counters),
+                        [p.detach().clone() for p in trainer.agent.parameters()]))
+    (obs1, data1, c1, w1), (obs2, data2, c2, w2) = results
+    assert c1 == c2 and c1["updates"] > 10
+    assert np.array_equal(obs1, obs2) and all(np.array_equal(data1[k], data2[k]) for k in data1)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
