@@ -132,6 +132,22 @@ def test_atari100k_script_trains_then_evaluates_with_hns(tmp_path):
     assert (run / "eval_32.mp4").exists() and (run / "return_curve.png").exists()
 
 
+def test_learn_atari_cpu_script_compares_with_the_random_policy(tmp_path):
+    """bench/learn_atari_cpu.sh with a tiny budget (no updates): the run's last episodes next to
+    the random policy's on the same game, and the curve with the random level."""
+    run = tmp_path / "run"
+    env = dict(os.environ, RUN_DIR=str(run), EPISODES="2", BUDGET_S="400")
+    proc = subprocess.run(["bash", "bench/learn_atari_cpu.sh", "Pong", "--num_envs", "2",
+                           "--total_steps", "2400", "--learning_starts", "100000", "--capacity", "8000"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.splitlines()[-1])
+    assert r["env"] == "ALE/Pong-v5" and r["trained_episodes"] == 2 and r["random_episodes"] == 2
+    assert -21 <= r["random_mean"] <= -15 and -21 <= r["trained_mean"] <= -15  # untrained: random
+    assert r["above_random"] == (r["trained_mean"] - r["random_mean"] > r["margin_2se"])
+    assert (run / "return_curve.png").exists() and (run / "versus_random.json").exists()
+
+
 def test_ddp_speed_at_world_size_2():
     r = run_bench("ddp_speed.py", "--world_sizes", "2", "--batch_size", "2", "--sequence_length", "4",
                   "--horizon", "2", "--updates", "1", "--warmup_updates", "0")
