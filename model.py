@@ -6,6 +6,7 @@ clipping. The module only holds `nn.Module`s and pure functions; the training lo
 train.py. Shapes are batch-first, time second: (B, T, ...).
 """
 import copy
+import functools
 import math
 
 import torch
@@ -325,34 +326,65 @@ class RSSM(nn.Module):
     def prior(self, deter):
         return self._logprobs(self.prior_net(deter))
 
-    def _core(self, deter, stoch, action):
+    # The GRU's hidden layer sees, in every block, that block's slice of deter next to the
+    # embeddings of deter, stoch and action. Its weight (blocks, deter/blocks + 3·hidden,
+    # deter/blocks) is applied in parts: the embeddings' rows as one dense matmul shared by all
+    # blocks (no broadcast copy of them per block), and the action's share ahead of the loop in
+    # `observe`, where the actions are known for all steps. Same weights, same sums.
+
+    def _hidden_weights(self):
+        w = self.gru_hidden.weight  # (g, deter/g + 3·hidden, deter/g)
+        own = w[:, :self.deter // self.blocks]  # (g, deter/g, deter/g)
+        shared = w[:, self.deter // self.blocks:].transpose(0, 1).flatten(1)  # (3·hidden, deter)
+        return own, shared
+
+    def action_share(self, action):
+        """The action's share of the GRU's hidden layer: (..., A) one-hot → (..., deter)."""
+        _, shared = self._hidden_weights()
+        hidden = shared.shape[0] // 3
+        return self.in_action(action) @ shared[2 * hidden:]
+
+    def _core(self, deter, stoch, action_share):
+        own, shared = self._hidden_weights()
+        hidden = shared.shape[0] // 3
         g = self.blocks
-        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
-        x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, g, 3·hidden)
-        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
-        x = F.silu(self.gru_norm(self.gru_hidden(x)))
-        gates = self.gru_gates(x).reshape(*deter.shape[:-1], g, 3, -1)
-        reset = torch.sigmoid(gates[..., 0, :])
-        cand = torch.tanh(reset * gates[..., 1, :])
-        update = torch.sigmoid(gates[..., 2, :] - 1.0)  # bias −1: keep the old state at init
+        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch)], -1)  # (N, 2·hidden)
+        blocks = torch.bmm(deter.reshape(-1, g, self.deter // g).transpose(0, 1), own)  # (g, N, ·)
+        x = torch.addmm(action_share + self.gru_hidden.bias, x, shared[:2 * hidden])
+        x = x + blocks.transpose(0, 1).reshape(x.shape)
+        x = F.silu(self.gru_norm(x))
+        gates = self.gru_gates(x).reshape(-1, g, 3, self.deter // g)
+        reset, cand, update = gates.unbind(-2)
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update - 1.0)  # bias −1: keep the old state at init
         deter = deter.reshape(cand.shape)
-        return (update * cand + (1 - update) * deter).flatten(-2)
+        return torch.lerp(deter, cand, update).flatten(-2)  # update·cand + (1 − update)·deter
 
     def img_step(self, deter, stoch, action):
         """One step of the prior. action: one-hot (N, A). Returns deter, stoch, prior logprobs."""
-        deter = self._core(deter, stoch, action)
+        deter = self._core(deter, stoch, self.action_share(action))
         prior = self.prior(deter)
         return deter, self._sample(prior), prior
+
+    def embed_share(self, embed):
+        """The embedding's share of the posterior's first layer: (..., E) → (..., hidden)."""
+        return embed @ self.post_net[0][0].weight[:, self.deter:].t()
+
+    def _post_step(self, deter, stoch, keep, action_share, embed_share):
+        """obs_step on shares computed ahead: keep (N, 1) is 0 where is_first."""
+        deter = self._core(deter * keep, stoch * keep, action_share)
+        linear, norm, act = self.post_net[0]
+        x = torch.addmm(embed_share, deter, linear.weight[:, :self.deter].t())
+        post = self._logprobs(self.post_net[1](act(norm(x))))
+        return deter, self._sample(post), post
 
     def obs_step(self, deter, stoch, prev_action, embed, is_first):
         """One step of the posterior. Where is_first, state and previous action restart at zero:
         the first frame of an episode must not see the last state and action of the one before.
         """
         keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)
-        deter, stoch, prev_action = deter * keep, stoch * keep, prev_action * keep
-        deter = self._core(deter, stoch, prev_action)
-        post = self._logprobs(self.post_net(torch.cat([deter, embed], -1)))
-        return deter, self._sample(post), post
+        return self._post_step(deter, stoch, keep, self.action_share(prev_action * keep),
+                               self.embed_share(embed))
 
     def observe(self, embed, prev_action, is_first, state=None):
         """Posterior over a sequence. embed (B, T, E), prev_action (B, T, A) = a_{t−1},
@@ -360,10 +392,14 @@ class RSSM(nn.Module):
         (B, T, S, C)."""
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
+        # Everything that does not depend on the recurrent state, for all T steps at once.
+        keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)  # (B, T, 1)
+        action_share = self.action_share(prev_action * keep)  # (B, T, deter)
+        embed_share = self.embed_share(embed)  # (B, T, hidden)
         deters, stochs, posts = [], [], []
         for t in range(T):
-            deter, stoch, post = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t],
-                                               is_first[:, t])
+            deter, stoch, post = self._post_step(deter, stoch, keep[:, t], action_share[:, t],
+                                                 embed_share[:, t])
             deters.append(deter)
             stochs.append(stoch)
             posts.append(post)
@@ -426,6 +462,20 @@ class Dreamer(nn.Module):
         for name in ("encoder", "rssm", "decoder", "reward_head", "cont_head"):
             yield from getattr(self, name).parameters()
 
+    def compile_steps(self, **options):
+        """torch.compile the pieces of an update one by one: the observe and imagine steps (one
+        graph each, reused for all T and H steps, instead of one graph of the unrolled loops, which
+        takes minutes to compile), the encoder, the world-model heads and the actor-critic losses.
+        Their backward passes are compiled with them; the Python loops between them stay eager."""
+        compile = functools.partial(torch.compile, **options)
+        self.rssm._post_step = compile(self.rssm._post_step)
+        self.rssm.img_step = compile(self.rssm.img_step)
+        self.sample_action = compile(self.sample_action)
+        self.encoder.compile(**options)
+        for name in ("world_model_heads", "behavior_loss", "replay_value_loss"):
+            setattr(self, name, compile(getattr(self, name)))
+        return self
+
     # -- acting ---------------------------------------------------------------------------------
 
     def initial_state(self, n, device):
@@ -463,6 +513,12 @@ class Dreamer(nn.Module):
         prev_action = previous_actions(action, self.num_actions)
         embed = self.encoder(obs)
         deter, stoch, post, prior = self.rssm.observe(embed, prev_action, is_first)
+        losses, feat, metrics = self.world_model_heads(obs, reward, is_terminal, deter, stoch, post,
+                                                       prior)
+        return losses, dict(deter=deter, stoch=stoch, feat=feat), metrics
+
+    def world_model_heads(self, obs, reward, is_terminal, deter, stoch, post, prior):
+        """The world model's losses on the posterior states of `observe`."""
         feat = self.rssm.feat(deter, stoch)
         recon = self.decoder(feat)
         target = obs.float() / 255.0
@@ -477,14 +533,14 @@ class Dreamer(nn.Module):
             "wm/prior_entropy": categorical_entropy(prior).sum(-1).mean(),
             "wm/post_entropy": categorical_entropy(post).sum(-1).mean(),
         }
-        return losses, dict(deter=deter, stoch=stoch, feat=feat), metrics
+        return losses, feat, metrics
 
     def imagine(self, deter, stoch):
         """Imagine `horizon` steps from every replayed posterior state (B, T, ·) (no gradients:
         the actor-critic losses must not reach the world model)."""
         with torch.no_grad():
-            return self.rssm.imagine(deter.reshape(-1, deter.shape[-1]),
-                                     stoch.reshape(-1, stoch.shape[-1]), self.sample_action,
+            return self.rssm.imagine(deter.detach().reshape(-1, deter.shape[-1]),
+                                     stoch.detach().reshape(-1, stoch.shape[-1]), self.sample_action,
                                      self.horizon)
 
     def behavior_loss(self, feats, actions):
