@@ -1,5 +1,9 @@
 """The fast paths of an update against plain ones: the restructured RSSM steps against the
 straightforward formulas, and the compiled update against the eager one (tiny model)."""
+import json
+import os
+import subprocess
+import sys
 import time
 import types
 
@@ -8,6 +12,8 @@ import torch.nn.functional as F
 
 import train
 from tests.test_model import random_batch, tiny_agent
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def reference_core(rssm, deter, stoch, action):
@@ -120,3 +126,22 @@ def test_phase_timer_counts_nested_phases_once():
     assert set(times) == {"time/env", "time/act"}
     assert times["time/act"] >= 0.2 and 0.01 <= times["time/env"] < 0.2  # without act's 0.2 s
     assert timer.read() == {}
+
+
+def test_log_lines_hold_seconds_per_phase(tmp_path):
+    args = ["--env", "tests.catch:Catch-v0", "--model_size", "tiny", "--num_envs", "2", "--batch_size", "2",
+            "--sequence_length", "4", "--imagination_horizon", "2", "--learning_starts", "16",
+            "--train_ratio", "4", "--capacity", "1000", "--log_interval", "16", "--total_steps", "64",
+            "--wandb_mode", "disabled", "--video_interval", "0", "--image_interval", "0",
+            "--run_dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    trained = [r for r in rows if "loss/total" in r]
+    assert trained
+    for r in trained:
+        phases = {k: v for k, v in r.items() if k.startswith("time/")}
+        assert set(phases) >= {"time/env", "time/act", "time/replay", "time/update", "time/logging"}, r
+        assert all(v >= 0 for v in phases.values())
+    assert "upd_s=" in proc.stderr
