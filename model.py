@@ -37,19 +37,26 @@ def unimix(logits, mix):
     return torch.log(probs)
 
 
+def one_hot(index, classes, dtype=torch.float32):
+    """F.one_hot without its range check, which on CUDA reads the indices back to the host (a
+    sync per call, and no CUDA graph capture); the indices here come from argmax or the replay."""
+    out = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1.0)
+
+
 def sample_onehot(logprobs):
     """One-hot sample with straight-through gradients: value of the sample, gradient of probs."""
     probs = logprobs.exp()
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp(1e-20, 1.0)))
     index = torch.argmax(logprobs + gumbel, -1)
-    onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    onehot = one_hot(index, probs.shape[-1], probs.dtype)
     return onehot + probs - probs.detach()
 
 
 def previous_actions(action, num_actions):
     """One-hot a_{t−1} for every step of stored actions (B, T): the action stored with o_t is the
     one chosen AT o_t, and the RSSM consumes the one before it (zero at the window's start)."""
-    onehot = F.one_hot(action, num_actions).float()
+    onehot = one_hot(action, num_actions)
     return torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], 1)
 
 
@@ -113,8 +120,8 @@ class TwoHot(nn.Module):
         below = above - 1
         lo, hi = bins[below], bins[above]
         w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
-        target = F.one_hot(below, len(bins)) * (1 - w_hi)[..., None]
-        return target + F.one_hot(above, len(bins)) * w_hi[..., None]
+        target = one_hot(below, len(bins)) * (1 - w_hi)[..., None]
+        return target + one_hot(above, len(bins)) * w_hi[..., None]
 
     def loss(self, logits, x):
         """Cross-entropy between the two-hot target of x and softmax(logits)."""
@@ -277,6 +284,10 @@ class Decoder(nn.Module):
     def forward(self, feat):  # (..., feat) → (..., 64, 64, 3)
         lead = feat.shape[:-1]
         x = self.inp(feat.reshape(-1, feat.shape[-1])).reshape(-1, *self.start)
+        # Channels-last maps (as the encoder's, whose input is a permuted (N, H, W, C) frame):
+        # the CPU convolutions run faster on them, ChannelNorm normalises a contiguous last axis,
+        # and the (N, H, W, 3) output needs no copy.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = torch.sigmoid(self.net(x).float())
         return x.permute(0, 2, 3, 1).reshape(*lead, *x.shape[2:], 3)
 
