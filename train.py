@@ -454,7 +454,9 @@ def build_agent(cfg, num_actions, device):
 
 def compile_agent(agent, opt, mode=None):
     """torch.compile the update piece by piece (see Dreamer.compile_steps) with static shapes;
-    compilation happens on the first update (and on the first acting step)."""
+    compilation happens on the first update (and on the first acting step). The optimizer step
+    stays eager: LaProp keeps its step count and learning rate as host-side Python numbers, which
+    a compiled step would bake in (a new graph every update)."""
     agent.compile_steps(dynamic=False, mode=mode)
     return agent, opt
 
