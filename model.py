@@ -341,22 +341,26 @@ class RSSM(nn.Module):
     # embeddings of deter, stoch and action. Its weight (blocks, deter/blocks + 3·hidden,
     # deter/blocks) is applied in parts: the embeddings' rows as one dense matmul shared by all
     # blocks (no broadcast copy of them per block), and the action's share ahead of the loop in
-    # `observe`, where the actions are known for all steps. Same weights, same sums.
+    # `observe`, where the actions are known for all steps. Same weights, same sums. The weights
+    # are rearranged once per loop, not per step: with gradients, a rearranged copy per step
+    # would also cost a full-size gradient per step.
 
-    def _hidden_weights(self):
+    def step_weights(self):
+        """The GRU's hidden weight in its two parts and deter's part of the posterior layer."""
         w = self.gru_hidden.weight  # (g, deter/g + 3·hidden, deter/g)
         own = w[:, :self.deter // self.blocks]  # (g, deter/g, deter/g)
         shared = w[:, self.deter // self.blocks:].transpose(0, 1).flatten(1)  # (3·hidden, deter)
-        return own, shared
+        post = self.post_net[0][0].weight[:, :self.deter].t()  # (deter, hidden)
+        return own, shared, post
 
-    def action_share(self, action):
+    def action_share(self, action, weights=None):
         """The action's share of the GRU's hidden layer: (..., A) one-hot → (..., deter)."""
-        _, shared = self._hidden_weights()
+        shared = (weights or self.step_weights())[1]
         hidden = shared.shape[0] // 3
         return self.in_action(action) @ shared[2 * hidden:]
 
-    def _core(self, deter, stoch, action_share):
-        own, shared = self._hidden_weights()
+    def _core(self, deter, stoch, action_share, weights):
+        own, shared, _ = weights
         hidden = shared.shape[0] // 3
         g = self.blocks
         x = torch.cat([self.in_deter(deter), self.in_stoch(stoch)], -1)  # (N, 2·hidden)
@@ -371,9 +375,11 @@ class RSSM(nn.Module):
         deter = deter.reshape(cand.shape)
         return torch.lerp(deter, cand, update).flatten(-2)  # update·cand + (1 − update)·deter
 
-    def img_step(self, deter, stoch, action):
-        """One step of the prior. action: one-hot (N, A). Returns deter, stoch, prior logprobs."""
-        deter = self._core(deter, stoch, self.action_share(action))
+    def img_step(self, deter, stoch, action, weights=None):
+        """One step of the prior. action: one-hot (N, A). Returns deter, stoch, prior logprobs.
+        weights: `step_weights()`, computed once for a loop of steps."""
+        weights = weights or self.step_weights()
+        deter = self._core(deter, stoch, self.action_share(action, weights), weights)
         prior = self.prior(deter)
         return deter, self._sample(prior), prior
 
@@ -381,11 +387,11 @@ class RSSM(nn.Module):
         """The embedding's share of the posterior's first layer: (..., E) → (..., hidden)."""
         return embed @ self.post_net[0][0].weight[:, self.deter:].t()
 
-    def _post_step(self, deter, stoch, keep, action_share, embed_share):
+    def _post_step(self, deter, stoch, keep, action_share, embed_share, weights):
         """obs_step on shares computed ahead: keep (N, 1) is 0 where is_first."""
-        deter = self._core(deter * keep, stoch * keep, action_share)
-        linear, norm, act = self.post_net[0]
-        x = torch.addmm(embed_share, deter, linear.weight[:, :self.deter].t())
+        deter = self._core(deter * keep, stoch * keep, action_share, weights)
+        _, norm, act = self.post_net[0]
+        x = torch.addmm(embed_share, deter, weights[2])
         post = self._logprobs(self.post_net[1](act(norm(x))))
         return deter, self._sample(post), post
 
@@ -394,8 +400,9 @@ class RSSM(nn.Module):
         the first frame of an episode must not see the last state and action of the one before.
         """
         keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)
-        return self._post_step(deter, stoch, keep, self.action_share(prev_action * keep),
-                               self.embed_share(embed))
+        weights = self.step_weights()
+        return self._post_step(deter, stoch, keep, self.action_share(prev_action * keep, weights),
+                               self.embed_share(embed), weights)
 
     def observe(self, embed, prev_action, is_first, state=None):
         """Posterior over a sequence. embed (B, T, E), prev_action (B, T, A) = a_{t−1},
@@ -405,12 +412,13 @@ class RSSM(nn.Module):
         deter, stoch = state if state is not None else self.initial(B, embed.device)
         # Everything that does not depend on the recurrent state, for all T steps at once.
         keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)  # (B, T, 1)
-        action_share = self.action_share(prev_action * keep)  # (B, T, deter)
+        weights = self.step_weights()
+        action_share = self.action_share(prev_action * keep, weights)  # (B, T, deter)
         embed_share = self.embed_share(embed)  # (B, T, hidden)
         deters, stochs, posts = [], [], []
         for t in range(T):
             deter, stoch, post = self._post_step(deter, stoch, keep[:, t], action_share[:, t],
-                                                 embed_share[:, t])
+                                                 embed_share[:, t], weights)
             deters.append(deter)
             stochs.append(stoch)
             posts.append(post)
@@ -423,13 +431,14 @@ class RSSM(nn.Module):
         Returns feats (N, H + 1, F) and one-hot actions (N, H + 1, A); action t was taken in
         state t (the last one is never executed)."""
         feats, actions = [], []
+        weights = self.step_weights()
         for t in range(horizon + 1):
             feat = self.feat(deter, stoch)
             action = policy(feat)
             feats.append(feat)
             actions.append(action)
             if t < horizon:
-                deter, stoch, _ = self.img_step(deter, stoch, action)
+                deter, stoch, _ = self.img_step(deter, stoch, action, weights)
         return torch.stack(feats, 1), torch.stack(actions, 1)
 
 

@@ -31,7 +31,7 @@ def reference_core(rssm, deter, stoch, action):
     return (update * cand + (1 - update) * deter).flatten(-2)
 
 
-def reference_img_step(rssm, deter, stoch, action):
+def reference_img_step(rssm, deter, stoch, action, weights=None):  # weights: not needed here
     deter = reference_core(rssm, deter, stoch, action)
     prior = rssm.prior(deter)
     return deter, rssm._sample(prior), prior
