@@ -6,6 +6,7 @@ clipping. The module only holds `nn.Module`s and pure functions; the training lo
 train.py. Shapes are batch-first, time second: (B, T, ...).
 """
 import copy
+import functools
 import math
 
 import torch
@@ -36,12 +37,19 @@ def unimix(logits, mix):
     return torch.log(probs)
 
 
+def one_hot(index, classes, dtype=torch.float32):
+    """F.one_hot without its range check, which on CUDA reads the indices back to the host (a
+    sync per call, and no CUDA graph capture); the indices here come from argmax or the replay."""
+    out = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1.0)
+
+
 def sample_onehot(logprobs):
     """One-hot sample with straight-through gradients: value of the sample, gradient of probs."""
     probs = logprobs.exp()
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp(1e-20, 1.0)))
     index = torch.argmax(logprobs + gumbel, -1)
-    onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    onehot = one_hot(index, probs.shape[-1], probs.dtype)
     return onehot + probs - probs.detach()
 
 
@@ -49,8 +57,8 @@ def previous_actions(action, num_actions, first=None):
     """One-hot a_{t−1} for every step of stored actions (B, T): the action stored with o_t is the
     one chosen AT o_t, and the RSSM consumes the one before it. At the window's start that is
     `first` (B,), the action of the step before the window, or zero without one."""
-    onehot = F.one_hot(action, num_actions).float()
-    before = F.one_hot(first, num_actions).float()[:, None] if first is not None else torch.zeros_like(onehot[:, :1])
+    onehot = one_hot(action, num_actions)
+    before = one_hot(first, num_actions)[:, None] if first is not None else torch.zeros_like(onehot[:, :1])
     return torch.cat([before, onehot[:, :-1]], 1)
 
 
@@ -114,8 +122,8 @@ class TwoHot(nn.Module):
         below = above - 1
         lo, hi = bins[below], bins[above]
         w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
-        target = F.one_hot(below, len(bins)) * (1 - w_hi)[..., None]
-        return target + F.one_hot(above, len(bins)) * w_hi[..., None]
+        target = one_hot(below, len(bins)) * (1 - w_hi)[..., None]
+        return target + one_hot(above, len(bins)) * w_hi[..., None]
 
     def loss(self, logits, x):
         """Cross-entropy between the two-hot target of x and softmax(logits)."""
@@ -283,6 +291,10 @@ class Decoder(nn.Module):
     def forward(self, feat):  # (..., feat) → (..., 64, 64, 3)
         lead = feat.shape[:-1]
         x = self.inp(feat.reshape(-1, feat.shape[-1])).reshape(-1, *self.start)
+        # Channels-last maps (as the encoder's, whose input is a permuted (N, H, W, C) frame):
+        # the CPU convolutions run faster on them, ChannelNorm normalises a contiguous last axis,
+        # and the (N, H, W, 3) output needs no copy.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = torch.sigmoid(self.net(x).float())
         return x.permute(0, 2, 3, 1).reshape(*lead, *x.shape[2:], 3)
 
@@ -325,7 +337,7 @@ class RSSM(nn.Module):
 
     def stoch_onehot(self, indices):
         """Class indices (..., S) → one-hot stoch (..., S·C)."""
-        return F.one_hot(indices.long(), self.classes).float().flatten(-2)
+        return one_hot(indices.long(), self.classes).flatten(-2)
 
     def initial(self, n, device):
         return (torch.zeros(n, self.deter, device=device),
@@ -340,34 +352,72 @@ class RSSM(nn.Module):
     def prior(self, deter):
         return self._logprobs(self.prior_net(deter))
 
-    def _core(self, deter, stoch, action):
-        g = self.blocks
-        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
-        x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, g, 3·hidden)
-        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
-        x = F.silu(self.gru_norm(self.gru_hidden(x)))
-        gates = self.gru_gates(x).reshape(*deter.shape[:-1], g, 3, -1)
-        reset = torch.sigmoid(gates[..., 0, :])
-        cand = torch.tanh(reset * gates[..., 1, :])
-        update = torch.sigmoid(gates[..., 2, :] - 1.0)  # bias −1: keep the old state at init
-        deter = deter.reshape(cand.shape)
-        return (update * cand + (1 - update) * deter).flatten(-2)
+    # The GRU's hidden layer sees, in every block, that block's slice of deter next to the
+    # embeddings of deter, stoch and action. Its weight (blocks, deter/blocks + 3·hidden,
+    # deter/blocks) is applied in parts: the embeddings' rows as one dense matmul shared by all
+    # blocks (no broadcast copy of them per block), and the action's share ahead of the loop in
+    # `observe`, where the actions are known for all steps. Same weights, same sums. The weights
+    # are rearranged once per loop, not per step: with gradients, a rearranged copy per step
+    # would also cost a full-size gradient per step.
 
-    def img_step(self, deter, stoch, action):
-        """One step of the prior. action: one-hot (N, A). Returns deter, stoch, prior logprobs."""
-        deter = self._core(deter, stoch, action)
+    def step_weights(self):
+        """The GRU's hidden weight in its two parts and deter's part of the posterior layer."""
+        w = self.gru_hidden.weight  # (g, deter/g + 3·hidden, deter/g)
+        own = w[:, :self.deter // self.blocks]  # (g, deter/g, deter/g)
+        shared = w[:, self.deter // self.blocks:].transpose(0, 1).flatten(1)  # (3·hidden, deter)
+        post = self.post_net[0][0].weight[:, :self.deter].t()  # (deter, hidden)
+        return own, shared, post
+
+    def action_share(self, action, weights=None):
+        """The action's share of the GRU's hidden layer: (..., A) one-hot → (..., deter)."""
+        shared = (weights or self.step_weights())[1]
+        hidden = shared.shape[0] // 3
+        return self.in_action(action) @ shared[2 * hidden:]
+
+    def _core(self, deter, stoch, action_share, weights):
+        own, shared, _ = weights
+        hidden = shared.shape[0] // 3
+        g = self.blocks
+        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch)], -1)  # (N, 2·hidden)
+        blocks = torch.bmm(deter.reshape(-1, g, self.deter // g).transpose(0, 1), own)  # (g, N, ·)
+        x = torch.addmm(action_share + self.gru_hidden.bias, x, shared[:2 * hidden])
+        x = x + blocks.transpose(0, 1).reshape(x.shape)
+        x = F.silu(self.gru_norm(x))
+        gates = self.gru_gates(x).reshape(-1, g, 3, self.deter // g)
+        reset, cand, update = gates.unbind(-2)
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update - 1.0)  # bias −1: keep the old state at init
+        deter = deter.reshape(cand.shape)
+        return torch.lerp(deter, cand, update).flatten(-2)  # update·cand + (1 − update)·deter
+
+    def img_step(self, deter, stoch, action, weights=None):
+        """One step of the prior. action: one-hot (N, A). Returns deter, stoch, prior logprobs.
+        weights: `step_weights()`, computed once for a loop of steps."""
+        weights = weights or self.step_weights()
+        deter = self._core(deter, stoch, self.action_share(action, weights), weights)
         prior = self.prior(deter)
         return deter, self._sample(prior), prior
+
+    def embed_share(self, embed):
+        """The embedding's share of the posterior's first layer: (..., E) → (..., hidden)."""
+        return embed @ self.post_net[0][0].weight[:, self.deter:].t()
+
+    def _post_step(self, deter, stoch, keep, action_share, embed_share, weights):
+        """obs_step on shares computed ahead: keep (N, 1) is 0 where is_first."""
+        deter = self._core(deter * keep, stoch * keep, action_share, weights)
+        _, norm, act = self.post_net[0]
+        x = torch.addmm(embed_share, deter, weights[2])
+        post = self._logprobs(self.post_net[1](act(norm(x))))
+        return deter, self._sample(post), post
 
     def obs_step(self, deter, stoch, prev_action, embed, is_first):
         """One step of the posterior. Where is_first, state and previous action restart at zero:
         the first frame of an episode must not see the last state and action of the one before.
         """
         keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)
-        deter, stoch, prev_action = deter * keep, stoch * keep, prev_action * keep
-        deter = self._core(deter, stoch, prev_action)
-        post = self._logprobs(self.post_net(torch.cat([deter, embed], -1)))
-        return deter, self._sample(post), post
+        weights = self.step_weights()
+        return self._post_step(deter, stoch, keep, self.action_share(prev_action * keep, weights),
+                               self.embed_share(embed), weights)
 
     def observe(self, embed, prev_action, is_first, state=None):
         """Posterior over a sequence. embed (B, T, E), prev_action (B, T, A) = a_{t−1},
@@ -375,10 +425,15 @@ class RSSM(nn.Module):
         (B, T, S, C)."""
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
+        # Everything that does not depend on the recurrent state, for all T steps at once.
+        keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)  # (B, T, 1)
+        weights = self.step_weights()
+        action_share = self.action_share(prev_action * keep, weights)  # (B, T, deter)
+        embed_share = self.embed_share(embed)  # (B, T, hidden)
         deters, stochs, posts = [], [], []
         for t in range(T):
-            deter, stoch, post = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t],
-                                               is_first[:, t])
+            deter, stoch, post = self._post_step(deter, stoch, keep[:, t], action_share[:, t],
+                                                 embed_share[:, t], weights)
             deters.append(deter)
             stochs.append(stoch)
             posts.append(post)
@@ -391,13 +446,14 @@ class RSSM(nn.Module):
         Returns feats (N, H + 1, F) and one-hot actions (N, H + 1, A); action t was taken in
         state t (the last one is never executed)."""
         feats, actions = [], []
+        weights = self.step_weights()
         for t in range(horizon + 1):
             feat = self.feat(deter, stoch)
             action = policy(feat)
             feats.append(feat)
             actions.append(action)
             if t < horizon:
-                deter, stoch, _ = self.img_step(deter, stoch, action)
+                deter, stoch, _ = self.img_step(deter, stoch, action, weights)
         return torch.stack(feats, 1), torch.stack(actions, 1)
 
 
@@ -441,6 +497,20 @@ class Dreamer(nn.Module):
         for name in ("encoder", "rssm", "decoder", "reward_head", "cont_head"):
             yield from getattr(self, name).parameters()
 
+    def compile_steps(self, **options):
+        """torch.compile the pieces of an update one by one: the observe and imagine steps (one
+        graph each, reused for all T and H steps, instead of one graph of the unrolled loops, which
+        takes minutes to compile), the encoder, the world-model heads and the actor-critic losses.
+        Their backward passes are compiled with them; the Python loops between them stay eager."""
+        compile = functools.partial(torch.compile, **options)
+        self.rssm._post_step = compile(self.rssm._post_step)
+        self.rssm.img_step = compile(self.rssm.img_step)
+        self.sample_action = compile(self.sample_action)
+        self.encoder.compile(**options)
+        for name in ("world_model_heads", "behavior_loss", "replay_value_loss"):
+            setattr(self, name, compile(getattr(self, name)))
+        return self
+
     # -- acting ---------------------------------------------------------------------------------
 
     def initial_state(self, n, device):
@@ -483,6 +553,12 @@ class Dreamer(nn.Module):
         state, prev_action = self.window_start(action, start)
         embed = self.encoder(obs)
         deter, stoch, post, prior = self.rssm.observe(embed, prev_action, is_first, state)
+        losses, feat, metrics = self.world_model_heads(obs, reward, is_terminal, deter, stoch, post,
+                                                       prior)
+        return losses, dict(deter=deter, stoch=stoch, feat=feat), metrics
+
+    def world_model_heads(self, obs, reward, is_terminal, deter, stoch, post, prior):
+        """The world model's losses on the posterior states of `observe`."""
         feat = self.rssm.feat(deter, stoch)
         recon = self.decoder(feat)
         target = obs.float() / 255.0
@@ -497,7 +573,7 @@ class Dreamer(nn.Module):
             "wm/prior_entropy": categorical_entropy(prior).sum(-1).mean(),
             "wm/post_entropy": categorical_entropy(post).sum(-1).mean(),
         }
-        return losses, dict(deter=deter, stoch=stoch, feat=feat), metrics
+        return losses, feat, metrics
 
     def window_start(self, action, start=None):
         """The RSSM state a replayed window starts from (None: zero) and its previous actions
@@ -512,8 +588,8 @@ class Dreamer(nn.Module):
         """Imagine `horizon` steps from every replayed posterior state (B, T, ·) (no gradients:
         the actor-critic losses must not reach the world model)."""
         with torch.no_grad():
-            return self.rssm.imagine(deter.reshape(-1, deter.shape[-1]),
-                                     stoch.reshape(-1, stoch.shape[-1]), self.sample_action,
+            return self.rssm.imagine(deter.detach().reshape(-1, deter.shape[-1]),
+                                     stoch.detach().reshape(-1, stoch.shape[-1]), self.sample_action,
                                      self.horizon)
 
     def behavior_loss(self, feats, actions):

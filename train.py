@@ -96,7 +96,8 @@ class Config:
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto (cuda if available), cuda, cuda:N or cpu")
     precision: str = arg("fp32", "fp32, or bf16 autocast (CUDA only)")
-    compile: bool = arg(False, "torch.compile the loss (slow start, faster updates on GPU)")
+    compile: bool = arg(False, "torch.compile the update piece by piece: the observe and imagine step functions "
+                               "(one graph each, reused over the loop), encoder, heads and losses (slow start)")
 
 
 def _parser(suppress_defaults=False):
@@ -219,6 +220,57 @@ class Every:
         return True
 
 
+class PhaseTimer:
+    """Seconds spent per phase of the loop (env, act, replay, update, logging) since the last read.
+
+    Phases nest: time in an inner phase (acting inside the env step) counts for the inner one only.
+    On CUDA the updates run asynchronously, so their host time says little; they are timed with
+    CUDA events instead, read at log time, which adds no host sync to the hot path (a host phase
+    that waits for the GPU, e.g. acting after the updates, includes that wait).
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.inner, self.events = {}, [], []
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        events = None
+        if self.cuda and name == "update":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        start = time.perf_counter()
+        self.inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed, inner = time.perf_counter() - start, self.inner.pop()
+            if events is not None:
+                events[1].record()
+                self.events.append(events)
+            else:
+                self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
+            if self.inner:
+                self.inner[-1] += elapsed
+
+    def timed(self, name, fn):
+        """fn, timed as phase `name` at every call."""
+        def call(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+        return call
+
+    def read(self):
+        """{"time/<phase>": seconds} since the last read."""
+        if self.events:
+            self.events[-1][1].synchronize()
+            gpu = sum(start.elapsed_time(end) for start, end in self.events) / 1000
+            self.seconds["update"] = self.seconds.get("update", 0.0) + gpu
+        times = {f"time/{k}": v for k, v in self.seconds.items()}
+        self.seconds, self.events = {}, []
+        return times
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -259,7 +311,9 @@ class Trainer:
         try:
             self.num_actions = int(envs.single_action_space.n)
             self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
-            self.loss_fn = torch.compile(self.agent.loss) if cfg.compile else self.agent.loss
+            if cfg.compile:
+                compile_agent(self.agent, self.opt)
+            self.loss_fn = self.agent.loss
             self.counters = dict(env_steps=0, updates=0, episodes=0, best_return=None,
                                  skipped_updates=0)
             self.updates_due = UpdateSchedule(cfg.train_ratio, cfg.batch_size, cfg.sequence_length)
@@ -294,6 +348,7 @@ class Trainer:
         self.replay_steps = 0  # steps stored (by all ranks) since this run started (replay is not saved)
         self.skipped_in_a_row = 0
         self.saved_step = self.counters["env_steps"] if checkpoint is not None else None
+        self.timer = PhaseTimer(self.device)
         step = self.counters["env_steps"]
         # log_interval 0 logs at every collection step, checkpoint_interval 0 only at the end.
         self.log_due = Every(max(cfg.log_interval, 1), last=step)
@@ -324,15 +379,21 @@ class Trainer:
     def collect(self):
         """Act in every env once and store the step; returns finished episodes."""
         self.send()
-        return self.collector.receive()
+        return self.receive()
 
     def send(self):
         """Act on the current frames, store the step and send the actions to the env workers."""
         self.record_video_frame()
-        self.collector.send(self.policy, self.store)
+        with self.timer.phase("env"):
+            self.collector.send(self.timer.timed("act", self.policy), self.timer.timed("replay", self.store))
         # Agent steps count the whole job: under torchrun every rank stepped its envs once.
         self.counters["env_steps"] += self.cfg.num_envs * self.ranks
         self.replay_steps += self.cfg.num_envs * self.ranks
+
+    def receive(self):
+        """Wait for the env workers' step; returns finished episodes."""
+        with self.timer.phase("env"):
+            return self.collector.receive()
 
     def step(self, overlap=True):
         """One iteration of the loop: act and store, the updates the train ratio asks for, and the
@@ -341,9 +402,9 @@ class Trainer:
         the next action is chosen after them."""
         self.send()
         if not overlap:
-            finished = self.collector.receive()
+            finished = self.receive()
         self.run_updates()
-        return self.collector.receive() if overlap else finished
+        return self.receive() if overlap else finished
 
     def run_updates(self):
         """The updates that the train ratio asks for after one collection step."""
@@ -351,14 +412,17 @@ class Trainer:
         if self.replay_steps < cfg.learning_starts or not self.replay.can_sample(cfg.sequence_length):
             return
         for _ in range(self.updates_due(cfg.num_envs)):
-            batch = self.replay.sample(cfg.batch_size, cfg.sequence_length)
-            metrics = self.update(batch)
+            with self.timer.phase("replay"):
+                batch = self.replay.sample(cfg.batch_size, cfg.sequence_length)
+            with self.timer.phase("update"):
+                metrics = self.update(batch)
             if metrics is None:  # skipped: a non-finite loss or gradient
                 continue
             for k, v in metrics.items():
                 self.train_metrics.setdefault(k, []).append(v)
             if cfg.image_interval and self.counters["updates"] % cfg.image_interval == 0:
-                self.log_images(batch)
+                with self.timer.phase("logging"):
+                    self.log_images(batch)
 
     def to_tensors(self, batch):
         """The model's inputs of a sampled batch as tensors (not where the windows lie)."""
@@ -430,6 +494,7 @@ class Trainer:
         metrics["replay/size"] = len(self.replay) * self.ranks
         metrics["train/updates"] = self.counters["updates"]
         metrics["opt/skipped_updates"] = self.counters["skipped_updates"]
+        metrics.update(self.timer.read())
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
@@ -508,6 +573,15 @@ def build_agent(cfg, num_actions, device):
                   dict(params=list(agent.actor.parameters()), lr=cfg.actor_lr),
                   dict(params=list(agent.critic.parameters()), lr=cfg.critic_lr)],
                  warmup=cfg.warmup)
+    return agent, opt
+
+
+def compile_agent(agent, opt, mode=None):
+    """torch.compile the update piece by piece (see Dreamer.compile_steps) with static shapes;
+    compilation happens on the first update (and on the first acting step). The optimizer step
+    stays eager: LaProp keeps its step count and learning rate as host-side Python numbers, which
+    a compiled step would bake in (a new graph every update)."""
+    agent.compile_steps(dynamic=False, mode=mode)
     return agent, opt
 
 
@@ -622,17 +696,19 @@ def train(trainer):
     try:
         while c["env_steps"] < cfg.total_steps and not stop:
             finished = trainer.step()
-            # Under torchrun: every rank's episodes, and a stop asked of any rank stops all.
-            finished, stop = distributed.sync_step(finished, flag.stop, cfg.num_envs)
-            trainer.log_episodes(finished)
-            bar.update(cfg.num_envs * trainer.ranks)
-            if trainer.log_due(c["env_steps"]):
-                metrics = trainer.log_train()
-                nan = float("nan")
-                last = trainer.recent_returns[-1] if trainer.recent_returns else nan
-                best = c["best_return"] if c["best_return"] is not None else nan
-                bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
-                                ret=f"{last:.1f}", best=f"{best:.1f}")
+            with trainer.timer.phase("logging"):
+                # Under torchrun: every rank's episodes, and a stop asked of any rank stops all.
+                finished, stop = distributed.sync_step(finished, flag.stop, cfg.num_envs)
+                trainer.log_episodes(finished)
+                bar.update(cfg.num_envs * trainer.ranks)
+                if trainer.log_due(c["env_steps"]):
+                    metrics = trainer.log_train()
+                    nan = float("nan")
+                    last = trainer.recent_returns[-1] if trainer.recent_returns else nan
+                    best = c["best_return"] if c["best_return"] is not None else nan
+                    bar.set_postfix(fps=f"{metrics['fps/env']:.0f}", updates=c["updates"],
+                                    upd_s=f"{metrics['fps/updates']:.2f}", ret=f"{last:.1f}",
+                                    best=f"{best:.1f}")
             if trainer.eval_due(c["env_steps"]):
                 trainer.run_evaluation()
             if trainer.checkpoint_due(c["env_steps"]):

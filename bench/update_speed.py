@@ -2,7 +2,11 @@
 
     python bench/update_speed.py --model_size 50m --device cuda --precision bf16
 
-Prints one JSON line: seconds per update, replayed steps per second, parameter counts, peak memory.
+Prints one JSON line: seconds per update, replayed steps per second, parameter counts, peak memory,
+the FLOPs of one update (torch.utils.flop_counter over a whole eager update: forward, backward
+and optimizer step), the achieved GFLOP/s and their share of this machine's fp32 matmul peak
+(bench/peak.py), and with --compile the compile time (the untimed first updates minus as many
+timed ones).
 """
 import argparse
 import contextlib
@@ -14,8 +18,10 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import common  # noqa: F401  (puts the repo root on sys.path)
+import peak
 import train
 
 
@@ -54,6 +60,13 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "rss"
 
 
+def count_flops(agent, opt, batch, autocast):
+    """FLOPs of one eager update (it is a real update: the parameters move)."""
+    with FlopCounterMode(display=False) as counter:
+        train.train_step(agent, opt, batch, agent.loss, autocast)
+    return counter.get_total_flops()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_size", default="tiny", choices=list(train.SIZES))
@@ -61,9 +74,14 @@ def main(argv=None):
     p.add_argument("--sequence_length", type=int, default=64)
     p.add_argument("--horizon", type=int, default=15, help="imagination horizon")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16 = torch.autocast, CUDA only (ignored on CPU)")
-    p.add_argument("--compile", action="store_true", help="wrap agent.loss in torch.compile")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = torch.autocast")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the update as train.py --compile does")
+    p.add_argument("--compile_mode", default=None,
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: torch's default")
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the FLOPs of one update (one extra eager update)")
+    p.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak (0: skip)")
     p.add_argument("--warmup_updates", type=int, default=2, help="untimed updates first (compile, allocator)")
     p.add_argument("--updates", type=int, default=5, help="timed updates")
     p.add_argument("--num_actions", type=int, default=6)
@@ -78,27 +96,26 @@ def main(argv=None):
         train.seed_everything(args.seed)
         device = train.pick_device(args.device)
         precision = args.precision
-        if precision == "bf16" and device.type != "cuda":
-            common.warn("--precision bf16 is CUDA only; ignored, running fp32 on CPU")
-            precision = "fp32"
         cfg = train.Config(env="ALE/Pong-v5", model_size=args.model_size, batch_size=args.batch_size,
                            sequence_length=args.sequence_length, imagination_horizon=args.horizon)
         agent, opt = train.build_agent(cfg, args.num_actions, device)
-        loss_fn = torch.compile(agent.loss) if args.compile else agent.loss
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
         batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        flops = count_flops(agent, opt, batch, autocast) if args.flops else None
+        if args.compile:
+            train.compile_agent(agent, opt, mode=args.compile_mode)
 
-        times = []
+        warmup, times = [], []
         for i in range(args.warmup_updates + args.updates):
             sync()
             start = time.perf_counter()
-            train.train_step(agent, opt, batch, loss_fn, autocast)
+            train.train_step(agent, opt, batch, autocast=autocast)
             sync()  # CUDA runs asynchronously: wait for the step before reading the clock
-            if i >= args.warmup_updates:
-                times.append(time.perf_counter() - start)
+            (times if i >= args.warmup_updates else warmup).append(time.perf_counter() - start)
         memory, memory_kind = peak_memory(device)
+        peak_gflops = peak.matmul_gflops(args.peak_size, 2.0, device)[0] if args.peak_size else None
 
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
     median = statistics.median(times)
@@ -109,9 +126,16 @@ def main(argv=None):
         params_world_model=count(agent.world_model_parameters()),
         params_actor=count(agent.actor.parameters()), params_critic=count(agent.critic.parameters()),
         batch_size=args.batch_size, sequence_length=args.sequence_length, horizon=args.horizon,
-        precision=precision, precision_requested=args.precision, compile=args.compile, threads=threads,
+        precision=precision, precision_requested=args.precision, compile=args.compile,
+        compile_mode=args.compile_mode, threads=threads,
         sec_per_update_median=median, sec_per_update_min=min(times), sec_per_update_max=max(times),
         updates_per_sec=1 / median,
+        first_update_sec=(warmup or times)[0],
+        compile_sec=max(0.0, sum(warmup) - len(warmup) * median) if args.compile and warmup else None,
+        gflop_per_update=flops / 1e9 if flops else None,
+        gflops_achieved=flops / 1e9 / median if flops else None,
+        peak_gflops=peak_gflops, peak_size=args.peak_size,
+        share_of_peak=flops / 1e9 / median / peak_gflops if flops and peak_gflops else None,
         replayed_steps_per_sec=args.batch_size * args.sequence_length / median,
         peak_memory_bytes=int(memory), peak_memory_kind=memory_kind,
     ))

@@ -25,12 +25,37 @@ def test_update_speed():
     # threads make even a tiny update take seconds.
     r = run_bench("update_speed.py", "--model_size", "tiny", "--batch_size", "2",
                   "--sequence_length", "8", "--horizon", "3", "--updates", "1",
-                  "--warmup_updates", "1", "--device", "cpu", "--threads", "1")
+                  "--warmup_updates", "1", "--device", "cpu", "--threads", "1", "--no-flops",
+                  "--peak_size", "0")
     for key in ("params_world_model", "params_actor", "params_critic", "sec_per_update_median",
                 "updates_per_sec", "replayed_steps_per_sec", "peak_memory_bytes"):
         assert r[key] > 0, key
     assert r["device"] == "cpu" and r["peak_memory_kind"] == "rss"
     assert r["replayed_steps_per_sec"] == pytest.approx(r["updates_per_sec"] * 2 * 8)
+
+
+def test_update_speed_counts_flops_and_share_of_peak():
+    r = run_bench("update_speed.py", "--model_size", "tiny", "--batch_size", "2",
+                  "--sequence_length", "4", "--horizon", "2", "--updates", "1",
+                  "--warmup_updates", "0", "--device", "cpu", "--threads", "1", "--peak_size", "256")
+    assert r["gflop_per_update"] > 0 and r["peak_gflops"] > 0
+    assert r["gflops_achieved"] == pytest.approx(r["gflop_per_update"] / r["sec_per_update_median"])
+    assert r["share_of_peak"] == pytest.approx(r["gflops_achieved"] / r["peak_gflops"])
+
+
+def test_peak():
+    r = run_bench("peak.py", "--size", "128", "--seconds", "0.1", "--threads", "1")
+    assert r["size"] == 128 and r["gflops"] > 0 and r["repeats"] >= 8
+
+
+def test_gpu_script_dry_run_prints_rows_on_cpu():
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and "| eager |" in rows[0]
+    assert "agent steps / s" in proc.stdout
+    assert proc.stderr.count("dry run, not run") == 2 and "reduce-overhead" in proc.stderr
 
 
 def test_env_speed_random_actions():
