@@ -39,7 +39,7 @@ def reference_img_step(rssm, deter, stoch, action, weights=None):  # weights: no
 
 def reference_observe(rssm, embed, prev_action, is_first, state=None):
     """One obs_step after the other, each concatenating deter and embed for the posterior."""
-    deter, stoch = rssm.initial(embed.shape[0], embed.device)
+    deter, stoch = state if state is not None else rssm.initial(embed.shape[0], embed.device)
     deters, stochs, posts = [], [], []
     for t in range(embed.shape[1]):
         keep = (1.0 - is_first[:, t].float()).unsqueeze(-1)
@@ -56,8 +56,8 @@ def reference_observe(rssm, embed, prev_action, is_first, state=None):
 def loss_and_grads(agent, batch, seed=1):
     torch.manual_seed(seed)
     agent.zero_grad(set_to_none=True)
-    total, metrics = agent.loss(batch["obs"], batch["action"], batch["reward"], batch["is_first"],
-                                batch["is_last"], batch["is_terminal"])
+    total, metrics, _ = agent.loss(batch["obs"], batch["action"], batch["reward"], batch["is_first"],
+                                   batch["is_last"], batch["is_terminal"], batch.get("start"))
     total.backward()
     return metrics, {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
 
@@ -79,6 +79,8 @@ def test_fast_rssm_steps_match_the_plain_formulas_in_losses_and_gradients():
     ref_agent.load_state_dict(agent.state_dict())
     batch = random_batch(B=3, T=6)
     batch["is_first"][1, 3] = True  # a reset inside the window
+    batch["is_first"][:, 0] = False  # the windows continue from a replay context
+    batch["start"] = (torch.randn(3, agent.rssm.deter), torch.randint(0, 8, (3, 32)), torch.tensor([0, 1, 2]))
     fast = loss_and_grads(agent, batch)
     rssm = ref_agent.rssm
     rssm.observe = types.MethodType(reference_observe, rssm)
