@@ -30,6 +30,14 @@ class Catch(gym.Env):
         reward = (1.0 if self.paddle == self.ball_col else -1.0) if done else 0.0
         return self._frame(), reward, done, False, {}
 
+    def get_state(self):  # the env state protocol of env.SavesState
+        return dict(ball=(self.ball_row, self.ball_col), paddle=self.paddle,
+                    rng=self.np_random.bit_generator.state)
+
+    def set_state(self, state):
+        (self.ball_row, self.ball_col), self.paddle = state["ball"], state["paddle"]
+        self.np_random.bit_generator.state = state["rng"]
+
     def _frame(self):
         grid = np.zeros((self.rows, self.cols, 3), np.uint8)
         grid[self.ball_row, self.ball_col] = (255, 64, 64)
