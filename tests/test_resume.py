@@ -11,9 +11,20 @@ import replay as replay_module
 import train
 from replay import Replay, ReplayStore
 
-TINY = dict(model_size="tiny", num_envs=2, batch_size=2, sequence_length=8, train_ratio=8.0,
-            learning_starts=64, imagination_horizon=4, log_interval=32, checkpoint_interval=0,
-            wandb_mode="disabled", video_interval=0, image_interval=0)
+# Half an update per collection step of the 2 envs: few updates, as each costs about 0.3 s.
+TINY = dict(model_size="tiny", num_envs=2, batch_size=2, sequence_length=8, train_ratio=4.0,
+            learning_starts=48, imagination_horizon=4, log_interval=32, checkpoint_interval=0,
+            wandb_mode="disabled", video_interval=0, image_interval=0, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny model's ops are far too small for two threads, and on a busy machine their
+    # waits for each other make acting 40 times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fill(replay, steps, seed=0):
@@ -74,9 +85,9 @@ def test_a_crash_between_replay_and_checkpoint_keeps_the_previous_checkpoint_who
     assert_same_replay(loaded, saved)
 
 
-def run(run_dir, steps, resume="", **overrides):
-    cfg = train.Config(env="tests.catch:Catch-v0", capacity=120, total_steps=steps,
-                       run_dir=str(run_dir), resume=resume, **{**TINY, **overrides})
+def run(run_dir, steps, resume="", env="tests.catch:Catch-v0", **overrides):
+    cfg = train.Config(env=env, total_steps=steps, run_dir=str(run_dir), resume=resume,
+                       **{**TINY, "capacity": 100, **overrides})
     return train.train(train.Trainer(cfg, train.prepare(cfg)))
 
 
@@ -103,9 +114,58 @@ def assert_same_run(b, c, run_dir_b, run_dir_c):
 
 def test_resumed_run_ends_bit_for_bit_where_an_unbroken_run_does(tmp_path, monkeypatch):
     monkeypatch.setattr(replay_module, "CHUNK_STEPS", 16)  # several chunks, and the ring wraps
-    a = run(tmp_path / "ab", 96)
+    a = run(tmp_path / "ab", 64)
     assert a.counters["updates"] > 0 and a.replay.adds > a.replay.length / 2
-    b = run(tmp_path / "ab", 192, resume=str(tmp_path / "ab" / "checkpoint.pt"))
-    c = run(tmp_path / "c", 192)
+    b = run(tmp_path / "ab", 128, resume=str(tmp_path / "ab" / "checkpoint.pt"))
+    c = run(tmp_path / "c", 128)
     assert c.replay.adds > c.replay.length and c.counters["episodes"] > 5
     assert_same_run(b, c, str(tmp_path / "ab"), str(tmp_path / "c"))
+
+
+def test_resumed_pong_run_ends_bit_for_bit_where_an_unbroken_run_does(tmp_path):
+    # The emulators come back with their RNGs (sticky actions) and the no-op RNG; a few updates.
+    pong = dict(env="ALE/Pong-v5", learning_starts=256, capacity=1000)
+    run(tmp_path / "ab", 160, **pong)
+    b = run(tmp_path / "ab", 320, resume=str(tmp_path / "ab" / "checkpoint.pt"), **pong)
+    c = run(tmp_path / "c", 320, **pong)
+    assert c.counters["updates"] > 0
+    assert_same_run(b, c, str(tmp_path / "ab"), str(tmp_path / "c"))
+
+
+NO_UPDATES = dict(learning_starts=10**6)
+
+
+def test_resume_with_another_num_envs_is_refused_unless_the_replay_starts_afresh(tmp_path):
+    run(tmp_path, 8, **NO_UPDATES)
+    cfg = train.Config(env="tests.catch:Catch-v0", resume=str(tmp_path / "checkpoint.pt"),
+                       **{**TINY, **NO_UPDATES, "num_envs": 4})
+    with pytest.raises(ValueError, match="replay was saved with --num_envs 2 --capacity 100.*"
+                                         "--no-save_replay"):
+        train.prepare(dataclasses.replace(cfg))
+    train.prepare(dataclasses.replace(cfg, save_replay=False))  # then the envs restart (below)
+
+
+def test_what_cannot_be_restored_is_said_once(tmp_path, capsys):
+    # The scripted envs have no get_state / set_state: their episodes restart.
+    run(tmp_path, 8, env="tests.scripted:Terminate-v0", **NO_UPDATES)
+    capsys.readouterr()
+    resumed = run(tmp_path, 16, env="tests.scripted:Terminate-v0", save_replay=False,
+                  resume=str(tmp_path / "checkpoint.pt"), **NO_UPDATES)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 2, warnings
+    assert "--no-save_replay: the replay starts empty" in warnings[0]
+    assert "Terminate-v0 has no get_state / set_state" in warnings[1]
+    assert resumed.replay.adds == 4 and resumed.replay.data["is_first"][:, 0].all()
+
+
+def test_disk_check_counts_the_replay(tmp_path, monkeypatch, capsys):
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="12m", capacity=100_000,
+                       checkpoint_interval=10_000, run_dir=str(tmp_path / "run"))
+    assert train.replay_disk_bytes(dataclasses.replace(cfg, save_replay=False)) == 0
+    # frames and fields of capacity + interval + a chunk, two copies of the ring's latents
+    expected = 12_303 * (100_000 + 10_000 + replay_module.CHUNK_STEPS) + 2 * 100_000 * 4128
+    assert train.replay_disk_bytes(cfg) == expected
+    monkeypatch.setattr(train.shutil, "disk_usage",
+                        lambda path: train.shutil._ntuple_diskusage(10**12, 0, 2 * 2**30))
+    train.warn_if_disk_too_small(cfg)
+    assert "checkpoints and replay need about 2.36 GiB" in capsys.readouterr().err
