@@ -292,10 +292,10 @@ class Trainer:
                                      cfg.wandb_key, run_id, cfg.wandb_project)
             else:
                 self.logger = distributed.NullLogger()
-            if cfg.save_replay and self.ranks > 1:
+            if cfg.save_replay and self.ranks > 1 and distributed.is_main():
                 warn("--save_replay is not supported under torchrun: the replay is not saved, and a "
                      "resumed run refills --learning_starts agent steps")
-            elif cfg.save_replay:
+            elif cfg.save_replay and self.ranks == 1:
                 self.replay_files = ReplayStore(os.path.join(cfg.run_dir, "replay"), self.replay)
             if checkpoint is not None:
                 self.resume_collection(checkpoint)
@@ -333,17 +333,23 @@ class Trainer:
     def resume_collection(self, checkpoint):
         """The replay (with --save_replay), the envs, the acting state and the episode counters of
         a checkpoint, so that the run goes on as if it had never stopped; what cannot be restored
-        is said in one warning line each."""
+        is said in one warning line each (by rank 0 under torchrun)."""
+        say = warn if distributed.is_main() else (lambda message: None)
         refill = f"the resumed run collects --learning_starts {self.cfg.learning_starts} agent steps " \
                  f"before it trains again"
         record, trainer = checkpoint.get("replay"), checkpoint.get("trainer", {})
         if self.replay_files is not None and record is not None:
-            self.replay_files.load(record)
+            try:
+                self.replay_files.load(record)
+            except ValueError as e:
+                raise ValueError(f"--resume {self.cfg.resume}: {e}; add --no-save_replay to resume "
+                                 f"with an empty replay") from None
             self.replay_steps = trainer["replay_steps"]
         elif not self.cfg.save_replay:
-            warn(f"--no-save_replay: the replay starts empty; {refill}")
+            say(f"--no-save_replay: the replay starts empty; {refill}")
         elif self.ranks == 1:
-            warn(f"the checkpoint holds no replay (saved with --no-save_replay); {refill}")
+            say(f"the checkpoint holds no replay (saved with --no-save_replay, under torchrun or by an "
+                f"older version); {refill}")
         state = checkpoint.get("collector")
         if state is None or self.ranks > 1:
             why = "the checkpoint holds none" if self.ranks == 1 else "not under torchrun"
@@ -356,7 +362,7 @@ class Trainer:
             self.env0_episodes = trainer["env0_episodes"]
             self.recent_returns = list(trainer["recent_returns"])
             return
-        warn(f"the env states were not restored ({why}): every env starts a new episode")
+        say(f"the env states were not restored ({why}): every env starts a new episode")
 
     # -- steps of the loop ----------------------------------------------------------------------
 

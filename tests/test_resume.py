@@ -138,7 +138,7 @@ NO_UPDATES = dict(learning_starts=10**6)
 def test_resume_with_another_num_envs_is_refused_unless_the_replay_starts_afresh(tmp_path):
     run(tmp_path, 8, **NO_UPDATES)
     cfg = train.Config(env="tests.catch:Catch-v0", resume=str(tmp_path / "checkpoint.pt"),
-                       **{**TINY, **NO_UPDATES, "num_envs": 4})
+                       **{**TINY, **NO_UPDATES, "capacity": 100, "num_envs": 4})
     with pytest.raises(ValueError, match="replay was saved with --num_envs 2 --capacity 100.*"
                                          "--no-save_replay"):
         train.prepare(dataclasses.replace(cfg))
@@ -169,3 +169,14 @@ def test_disk_check_counts_the_replay(tmp_path, monkeypatch, capsys):
                         lambda path: train.shutil._ntuple_diskusage(10**12, 0, 2 * 2**30))
     train.warn_if_disk_too_small(cfg)
     assert "checkpoints and replay need about 2.36 GiB" in capsys.readouterr().err
+
+
+def test_missing_replay_file_is_a_one_line_error(tmp_path):
+    run(tmp_path, 8, **NO_UPDATES)
+    for name in os.listdir(tmp_path / "replay"):
+        os.unlink(tmp_path / "replay" / name)
+    cfg = train.Config(env="tests.catch:Catch-v0", resume=str(tmp_path / "checkpoint.pt"),
+                       **{**TINY, **NO_UPDATES, "capacity": 100})
+    with pytest.raises(ValueError, match=r"^--resume .*checkpoint.pt: replay file .*tail_000000000004.npz "
+                                         r"is missing or unreadable .*; add --no-save_replay"):
+        train.Trainer(cfg, train.prepare(cfg))
