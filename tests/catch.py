@@ -3,7 +3,8 @@
 A ball falls one row per step from a random column of the top row; a paddle on the bottom row
 moves left / stays / moves right. When the ball reaches the bottom row the episode ends with
 +1 if the paddle is under it and −1 otherwise. Frames are RGB (rows·8 × cols·8) and go through
-train.py's resize to 64×64 like any non-Atari env. Registered as `tests.catch:Catch-v0`.
+train.py's resize to 64×64 like any non-Atari env. Registered as `tests.catch:Catch-v0`. It has
+`get_state` / `set_state` (see env.SavesState), so a resumed run continues its episodes.
 """
 import gymnasium as gym
 import numpy as np
