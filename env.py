@@ -121,10 +121,14 @@ class SavesState:
 
     def step(self, action):
         if self.reset_next:
-            self.reset_next = False
-            obs, info = self.reset()
-            return obs, 0.0, False, False, info
+            return self.restored_reset()
         return super().step(action)
+
+    def restored_reset(self):
+        """The step that resets the env, as the vector env's autoreset would have done it."""
+        self.reset_next = False
+        obs, info = self.reset()
+        return obs, 0.0, False, False, info
 
 
 def _time_limits(env):
@@ -154,6 +158,8 @@ class Atari(SavesState, gym.Wrapper):
         return resize(obs), info
 
     def step(self, action):
+        if self.reset_next:  # (this method comes before SavesState.step)
+            return self.restored_reset()
         total, frames = 0.0, []
         for _ in range(self.repeat):
             obs, reward, terminated, truncated, info = self.env.step(action)

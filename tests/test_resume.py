@@ -114,10 +114,12 @@ def assert_same_run(b, c, run_dir_b, run_dir_c):
 
 def test_resumed_run_ends_bit_for_bit_where_an_unbroken_run_does(tmp_path, monkeypatch):
     monkeypatch.setattr(replay_module, "CHUNK_STEPS", 16)  # several chunks, and the ring wraps
-    a = run(tmp_path / "ab", 64)
+    a = run(tmp_path / "ab", 70)
     assert a.counters["updates"] > 0 and a.replay.adds > a.replay.length / 2
-    b = run(tmp_path / "ab", 128, resume=str(tmp_path / "ab" / "checkpoint.pt"))
-    c = run(tmp_path / "c", 128)
+    # Catch's episodes last 5 steps: A stops on a last step, so B's envs must reset first.
+    assert a.collector.episodes.is_last.all()
+    b = run(tmp_path / "ab", 140, resume=str(tmp_path / "ab" / "checkpoint.pt"))
+    c = run(tmp_path / "c", 140)
     assert c.replay.adds > c.replay.length and c.counters["episodes"] > 5
     assert_same_run(b, c, str(tmp_path / "ab"), str(tmp_path / "c"))
 
