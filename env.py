@@ -75,7 +75,73 @@ def resize(frame):
     return frame
 
 
-class Atari(gym.Wrapper):
+class SavesState:
+    """The env state protocol, on the outermost wrapper of every env (see `make_env`):
+    `get_state()` is a picklable snapshot of everything that decides the env's future (the
+    emulator with its RNG, the env's own RNG, time-limit counters), `set_state(state)` puts it
+    back. A base env takes part by having `get_state` / `set_state` itself (as the scripted test
+    envs do); ALE envs are handled here. `get_state` returns None for envs that cannot be
+    restored: a resumed run restarts their episodes.
+
+    The vector env's workers are reached through `Collector.get_state` / `set_state`.
+    """
+
+    reset_next = False  # the restored step was an episode's last: the next step is its reset
+    restore_to = None  # set per env through the vector env's set_attr, then `restore()`
+
+    def get_state(self):
+        base = self.unwrapped
+        if hasattr(base, "get_state"):
+            core = base.get_state()
+        elif hasattr(base, "ale"):
+            # include_rng: sticky actions draw from the emulator's RNG; the env's own np_random
+            # draws the no-op starts (the wrapper's np_random is the base env's).
+            core = dict(ale=base.ale.cloneState(include_rng=True),
+                        np_random=base.np_random.bit_generator.state)
+        else:
+            return None
+        return dict(core=core, elapsed=[w._elapsed_steps for w in _time_limits(self)])
+
+    def set_state(self, state):
+        base = self.unwrapped
+        if hasattr(base, "set_state"):
+            base.set_state(state["core"])
+        else:
+            base.ale.restoreState(state["core"]["ale"])
+            base.np_random.bit_generator.state = state["core"]["np_random"]
+        for wrapper, elapsed in zip(_time_limits(self), state["elapsed"]):
+            wrapper._elapsed_steps = elapsed
+        # A fresh vector-env worker does not know that its env ended an episode at the saved
+        # step: the reset it would have done (gymnasium's next-step autoreset) is done here.
+        self.reset_next = bool(state.get("reset_next", False))
+
+    def restore(self):
+        self.set_state(self.restore_to)
+        self.restore_to = None
+
+    def step(self, action):
+        if self.reset_next:
+            return self.restored_reset()
+        return super().step(action)
+
+    def restored_reset(self):
+        """The step that resets the env, as the vector env's autoreset would have done it."""
+        self.reset_next = False
+        obs, info = self.reset()
+        return obs, 0.0, False, False, info
+
+
+def _time_limits(env):
+    """The TimeLimit wrappers in an env's wrapper chain (their step counters are env state)."""
+    found = []
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            found.append(env)
+        env = env.env
+    return found
+
+
+class Atari(SavesState, gym.Wrapper):
     """Action repeat with max-pool over the last two frames, no-op starts and 64×64 RGB frames."""
 
     def __init__(self, env, repeat=4, noops=30):
@@ -92,6 +158,8 @@ class Atari(gym.Wrapper):
         return resize(obs), info
 
     def step(self, action):
+        if self.reset_next:  # (this method comes before SavesState.step)
+            return self.restored_reset()
         total, frames = 0.0, []
         for _ in range(self.repeat):
             obs, reward, terminated, truncated, info = self.env.step(action)
@@ -104,7 +172,7 @@ class Atari(gym.Wrapper):
         return resize(frame), total, terminated, truncated, info
 
 
-class ResizeImage(gym.ObservationWrapper):
+class ResizeImage(SavesState, gym.ObservationWrapper):
     """Generic RGB-image env → 64×64×3 uint8 frames (no Atari-specific processing)."""
 
     def __init__(self, env):
@@ -236,6 +304,29 @@ class Collector:
         self.failure = None  # a worker death seen by send, handled by receive
         self.episodes = Episodes(envs.num_envs)
         self.obs, _ = envs.reset(seed=seed)
+
+    def get_state(self):
+        """What a resumed run needs to go on collecting exactly where this one is: the current
+        observations, the episode bookkeeping and every env's state (`SavesState`; None for an
+        env that cannot be restored). Draws no random numbers."""
+        episodes = {k: v.copy() for k, v in vars(self.episodes).items() if k != "n"}
+        return dict(obs=self.obs.copy(), episodes=episodes, envs=list(self.envs.call("get_state")),
+                    seed=self.seed, restarts=self.restarts)
+
+    def set_state(self, state):
+        """Continue from a `get_state` of a collector with as many envs. Returns False and
+        changes nothing when an env cannot be restored (then its episodes start afresh)."""
+        if len(state["envs"]) != self.envs.num_envs or any(s is None for s in state["envs"]):
+            return False
+        last = state["episodes"]["is_last"]
+        self.envs.set_attr("restore_to", [dict(s, reset_next=bool(done))
+                                          for s, done in zip(state["envs"], last)])
+        self.envs.call("restore")
+        self.obs = state["obs"].copy()
+        for k, v in state["episodes"].items():
+            setattr(self.episodes, k, v.copy())
+        self.seed, self.restarts = state["seed"], state["restarts"]
+        return True
 
     def send(self, policy, store=None):
         """Choose a_t = policy(o_t, is_first) (an int array), store the step with

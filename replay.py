@@ -5,8 +5,14 @@ the agent had there: deter in bfloat16 and stoch as one class index per latent. 
 when acting and refreshed by every update that replays the step. A window of T steps is then
 sampled with the step before it, and training starts from that step's latent and action, so
 `is_first` marks only real episode starts.
+
+`ReplayStore` keeps the replay on disk with the run (see its docstring).
 """
+import os
+
 import numpy as np
+
+from utils import warn, write_atomic
 
 
 def available_memory():
@@ -59,6 +65,7 @@ class Replay:
             self.data["stoch"] = np.zeros((num_envs, self.length, stoch), np.uint8)  # class indices
         self.pos = 0  # next write index (all env rings advance together)
         self.filled = 0
+        self.adds = 0  # steps stored per env since the run started (pos = adds % length)
         self.rng = np.random.default_rng(seed)
 
     @classmethod
@@ -87,6 +94,7 @@ class Replay:
             self.data["stoch"][:, self.pos] = stoch
         self.pos = (self.pos + 1) % self.length
         self.filled = min(self.filled + 1, self.length)
+        self.adds += 1
 
     def can_sample(self, seq_len):
         return self.filled >= seq_len + self.context
@@ -122,3 +130,125 @@ class Replay:
         env (B,), index (B, T), deter (B, T, D) float32, stoch (B, T, S) class indices."""
         self.data["deter"][env[:, None], index] = to_bf16_bits(deter)
         self.data["stoch"][env[:, None], index] = stoch
+
+
+# Write positions per chunk file: about 4096 steps (50 MB of frames) whatever the number of envs.
+CHUNK_STEPS = 4096
+
+
+class ReplayStore:
+    """The replay on disk under <run_dir>/replay/, so that a resumed run has the data it had.
+
+    Frames and fields never change once stored, so they are written once, in chunk files of C
+    write positions of all envs (chunk k holds the steps stored by `add` calls k·C to (k+1)·C),
+    each as soon as it is full. A checkpoint adds the open tail (the steps after the last full
+    chunk) and, with replay context, the latents of the whole ring, which training refreshes
+    everywhere (2·deter + 32 bytes per step). `save` writes both and returns the record that goes
+    in the checkpoint; a checkpoint written after it names everything it needs, so a crash
+    between the two leaves the previous checkpoint with its own files. `commit` (after the
+    checkpoint) deletes what no checkpoint needs any more: chunks the ring has overwritten and
+    older tails and latents. Every file is written atomically (`write_atomic`).
+    """
+
+    def __init__(self, directory, replay, chunk_steps=None):
+        self.dir, self.replay = directory, replay
+        chunk_steps = chunk_steps or CHUNK_STEPS
+        self.chunk = max(1, min(chunk_steps // replay.num_envs, replay.length))
+        self.unwritten = []  # full chunks whose write failed (disk full): retried by `save`
+        os.makedirs(directory, exist_ok=True)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def after_add(self):
+        """Write the chunk that the last `add` filled. A failed write (disk full) warns and is
+        retried by the next `save`."""
+        if self.replay.adds % self.chunk == 0:
+            self.unwritten.append(self.replay.adds // self.chunk - 1)
+            try:
+                self.write_unwritten()
+            except OSError as e:
+                warn(f"could not write replay chunk {self.unwritten[0]} ({e.strerror or e}); "
+                     f"the next checkpoint tries again")
+
+    def write_unwritten(self):
+        """Write the full chunks not yet on disk (the part of each that is still in the ring)."""
+        r = self.replay
+        oldest = r.adds - r.filled
+        while self.unwritten:
+            k = self.unwritten[0]
+            start, end = max(k * self.chunk, oldest), (k + 1) * self.chunk
+            if start < end:
+                self.write_steps(f"chunk_{k:09d}.npz", start, end)
+            self.unwritten.pop(0)
+
+    def write_steps(self, name, start, end):
+        """Frames and fields of the steps stored by add calls start..end-1 (all in the ring)."""
+        r = self.replay
+        index = np.arange(start, end) % r.length
+        arrays = {k: r.data[k][:, index] for k in r.FIELDS}
+        write_atomic(self.path(name), lambda f: np.savez(f, start=np.int64(start), obs=r.obs[:, index],
+                                                         **arrays))
+
+    def save(self):
+        """Write the open tail (and the ring's latents); returns the checkpoint's record."""
+        r = self.replay
+        self.write_unwritten()
+        end = r.adds
+        start = end - end % self.chunk
+        tail = f"tail_{end:012d}.npz"
+        self.write_steps(tail, start, end)
+        latents = None
+        if r.context:
+            latents = f"latents_{end:012d}.npz"
+            write_atomic(self.path(latents),
+                         lambda f: np.savez(f, deter=r.data["deter"], stoch=r.data["stoch"]))
+        return dict(adds=end, chunk=self.chunk, num_envs=r.num_envs, length=r.length, tail=tail,
+                    latents=latents)
+
+    def commit(self, record):
+        """After the checkpoint holding `record` is written: delete the files it does not need."""
+        first = self.first_chunk(record)
+        keep = {record["tail"], record["latents"]}
+        for name in os.listdir(self.dir):
+            old = name.startswith(("tail_", "latents_")) and name not in keep
+            if name.startswith("chunk_") and name.endswith(".npz"):
+                old = int(name[6:-4]) < first
+            if old or name.endswith(".tmp"):
+                os.unlink(self.path(name))
+
+    def first_chunk(self, record):
+        """The oldest chunk whose steps are still in the ring of a checkpoint's record."""
+        return max(0, record["adds"] - record["length"]) // record["chunk"]
+
+    def load(self, record):
+        """Fill the (empty) replay from the files of a checkpoint's record."""
+        r = self.replay
+        if (record["num_envs"], record["length"]) != (r.num_envs, r.length):
+            raise ValueError(f"the saved replay has {record['num_envs']} envs of "
+                             f"{record['length']} steps, this run {r.num_envs} of {r.length}")
+        end, chunk = record["adds"], record["chunk"]
+        oldest = max(0, end - r.length)
+        names = [f"chunk_{k:09d}.npz" for k in range(oldest // chunk, end // chunk)]
+        for name in [*names, record["tail"]]:
+            try:
+                with np.load(self.path(name)) as saved:
+                    start = int(saved["start"])
+                    steps = np.arange(start, start + saved["obs"].shape[1])
+                    keep = steps >= oldest
+                    index = steps[keep] % r.length
+                    r.obs[:, index] = saved["obs"][:, keep]
+                    for k in r.FIELDS:
+                        r.data[k][:, index] = saved[k][:, keep]
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"replay file {self.path(name)} is missing or unreadable "
+                                 f"({type(e).__name__})") from None
+        if record["latents"] is not None and r.context:
+            with np.load(self.path(record["latents"])) as saved:
+                r.data["deter"][:], r.data["stoch"][:] = saved["deter"], saved["stoch"]
+        r.adds, r.pos, r.filled = end, end % r.length, min(end, r.length)
+        # Chunks a crashed run wrote after this checkpoint are written again as the ring refills.
+        self.unwritten = []
+
+    def disk_bytes(self):
+        return sum(e.stat().st_size for e in os.scandir(self.dir) if e.is_file())

@@ -25,7 +25,7 @@ import distributed
 from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
-from replay import Replay
+from replay import CHUNK_STEPS, Replay, ReplayStore
 from utils import (
     Logger,
     load_checkpoint,
@@ -59,6 +59,9 @@ class Config:
     total_steps: int = arg(1_000_000, "agent steps to train for (env steps after action repeat, summed over envs)")
     capacity: int = arg(1_000_000, "replay capacity in steps (about 12.3 KB each, plus 2·deter + 32 bytes of "
                                    "latent with --replay_context), split over the envs")
+    save_replay: bool = arg(True, "keep the replay with the run in <run_dir>/replay (frames written once, in "
+                                  "chunks) so that --resume continues with the same data; off: a resumed "
+                                  "run refills --learning_starts")
     replay_context: bool = arg(True, "store each step's posterior latent and start replayed windows from the "
                                      "step before them (official v2); off: from the zero state")
     sequence_length: int = arg(64, "length T of the replayed training sequences")
@@ -308,6 +311,13 @@ class Trainer:
         # workers, or the process would wait for them forever.
         envs = make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions)
         self.lock = None
+        self.replay_files = None
+        self.recent_returns = []
+        self.train_metrics = {}
+        self.video_frames = None
+        self.env0_episodes = 0
+        self.replay_steps = 0  # steps stored (by all ranks) since the replay started
+        self.skipped_in_a_row = 0
         try:
             self.num_actions = int(envs.single_action_space.n)
             self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
@@ -336,17 +346,18 @@ class Trainer:
                                      cfg.wandb_key, run_id, cfg.wandb_project)
             else:
                 self.logger = distributed.NullLogger()
+            if cfg.save_replay and self.ranks > 1 and distributed.is_main():
+                warn("--save_replay is not supported under torchrun: the replay is not saved, and a "
+                     "resumed run refills --learning_starts agent steps")
+            elif cfg.save_replay and self.ranks == 1:
+                self.replay_files = ReplayStore(os.path.join(cfg.run_dir, "replay"), self.replay)
+            if checkpoint is not None:
+                self.resume_collection(checkpoint)
         except BaseException:
             envs.close(terminate=True)
             if self.lock is not None:
                 self.lock.close()
             raise
-        self.recent_returns = []
-        self.train_metrics = {}
-        self.video_frames = None
-        self.env0_episodes = 0
-        self.replay_steps = 0  # steps stored (by all ranks) since this run started (replay is not saved)
-        self.skipped_in_a_row = 0
         self.saved_step = self.counters["env_steps"] if checkpoint is not None else None
         self.timer = PhaseTimer(self.device)
         step = self.counters["env_steps"]
@@ -373,6 +384,40 @@ class Trainer:
         restore_rng(checkpoint.get("rng"))
         if "replay" in checkpoint.get("rng", {}):
             self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
+
+    def resume_collection(self, checkpoint):
+        """The replay (with --save_replay), the envs, the acting state and the episode counters of
+        a checkpoint, so that the run goes on as if it had never stopped; what cannot be restored
+        is said in one warning line each (by rank 0 under torchrun)."""
+        say = warn if distributed.is_main() else (lambda message: None)
+        refill = f"the resumed run collects --learning_starts {self.cfg.learning_starts} agent steps " \
+                 f"before it trains again"
+        record, trainer = checkpoint.get("replay"), checkpoint.get("trainer", {})
+        if self.replay_files is not None and record is not None:
+            try:
+                self.replay_files.load(record)
+            except ValueError as e:
+                raise ValueError(f"--resume {self.cfg.resume}: {e}; add --no-save_replay to resume "
+                                 f"with an empty replay") from None
+            self.replay_steps = trainer["replay_steps"]
+        elif not self.cfg.save_replay:
+            say(f"--no-save_replay: the replay starts empty; {refill}")
+        elif self.ranks == 1:
+            say(f"the checkpoint holds no replay (saved with --no-save_replay, under torchrun or by an "
+                f"older version); {refill}")
+        state = checkpoint.get("collector")
+        if state is None or self.ranks > 1:
+            why = "the checkpoint holds none" if self.ranks == 1 else "not under torchrun"
+        elif len(state["envs"]) != self.cfg.num_envs:
+            why = f"saved with {len(state['envs'])} envs, this run has {self.cfg.num_envs}"
+        elif not self.collector.set_state(state):
+            why = f"{self.cfg.env} has no get_state / set_state"
+        else:
+            self.policy.state = tuple(t.to(self.device) for t in checkpoint["policy"])
+            self.env0_episodes = trainer["env0_episodes"]
+            self.recent_returns = list(trainer["recent_returns"])
+            return
+        say(f"the env states were not restored ({why}): every env starts a new episode")
 
     # -- steps of the loop ----------------------------------------------------------------------
 
@@ -433,6 +478,8 @@ class Trainer:
         if self.replay.context:
             step.update(self.policy.latents())
         self.replay.add(obs, **step)
+        if self.replay_files is not None:
+            self.replay_files.after_add()
 
     def update(self, batch):
         """One update; None when it was skipped (non-finite loss or gradient: nothing changed).
@@ -492,6 +539,8 @@ class Trainer:
         metrics["fps/env"] = (step - s0) / max(now - t0, 1e-9)
         metrics["fps/updates"] = (self.counters["updates"] - u0) / max(now - t0, 1e-9)
         metrics["replay/size"] = len(self.replay) * self.ranks
+        if self.replay_files is not None:
+            metrics["replay/disk_bytes"] = self.replay_files.disk_bytes()
         metrics["train/updates"] = self.counters["updates"]
         metrics["opt/skipped_updates"] = self.counters["skipped_updates"]
         metrics.update(self.timer.read())
@@ -527,10 +576,13 @@ class Trainer:
         return record
 
     def save(self):
-        """Write checkpoint.pt. Raises OSError (e.g. disk full) with the previous one intact."""
+        """Write checkpoint.pt (after the replay's tail, which it names). Raises OSError (e.g.
+        disk full) with the previous one intact. Draws no random numbers: a run that saves goes
+        on exactly as one that does not."""
         if not distributed.is_main():  # under torchrun rank 0 alone writes the checkpoint
             self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
             return
+        record = self.replay_files.save() if self.replay_files is not None else None
         save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
             "agent": self.agent.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -539,8 +591,17 @@ class Trainer:
             "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
             "wandb_id": self.logger.run_id,
             "num_actions": self.num_actions,
+            "replay": record,
+            # What continues the collection exactly (see resume_collection); under torchrun the
+            # other ranks' envs are not here, so a resumed job starts new episodes.
+            "collector": self.collector.get_state() if self.ranks == 1 else None,
+            "policy": tuple(t.cpu() for t in self.policy.state),
+            "trainer": dict(replay_steps=self.replay_steps, env0_episodes=self.env0_episodes,
+                            recent_returns=list(self.recent_returns)),
         })
         self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
+        if record is not None:
+            self.replay_files.commit(record)
 
     def save_or_warn(self):
         """The periodic checkpoint: a failed write warns, and the next interval tries again."""
@@ -790,6 +851,12 @@ def prepare(cfg, given=None):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
+        record = checkpoint.get("replay")
+        if cfg.save_replay and record and (cfg.num_envs, cfg.capacity // max(cfg.num_envs, 1)) != \
+                (record["num_envs"], record["length"]):
+            raise ValueError(f"--resume {cfg.resume}: its replay was saved with --num_envs {saved['num_envs']} "
+                             f"--capacity {saved['capacity']}; resume with those, or add --no-save_replay "
+                             f"to start with an empty replay")
     else:  # a resumed run keeps the values its presets gave it
         apply_presets(cfg, given)
         if given is not None and "eval_episodes" in given and not cfg.eval_interval:
@@ -837,14 +904,27 @@ def checkpoint_bytes(cfg, num_actions=18):
     return 4 * 3 * params
 
 
+def replay_disk_bytes(cfg):
+    """Disk used by --save_replay at most: the frames and fields of the capacity, plus those
+    stored since the last checkpoint (the ring's overwritten chunks are deleted after each
+    checkpoint) and a chunk; with replay context, two copies of the ring's latents (the
+    checkpoint's and the next one's, written before the checkpoint)."""
+    if not cfg.save_replay:
+        return 0
+    frames = Replay.step_bytes() * (cfg.capacity + cfg.checkpoint_interval + CHUNK_STEPS)
+    latent = replay_latent(cfg)
+    latents = 2 * cfg.capacity * (Replay.step_bytes(latent=latent) - Replay.step_bytes()) if latent else 0
+    return frames + latents
+
+
 def warn_if_disk_too_small(cfg):
     """One warning when the free space where the run writes is clearly too small: a checkpoint is
-    written next to the previous one before it replaces it, so two must fit."""
-    need = 2 * checkpoint_bytes(cfg)
+    written next to the previous one before it replaces it, so two must fit, with the replay."""
+    need = 2 * checkpoint_bytes(cfg) + replay_disk_bytes(cfg)
     free = shutil.disk_usage(nearest_existing(cfg.run_dir)).free
     if free < need:
         warn(f"only {free / 2**30:.2f} GiB free where --run_dir {cfg.run_dir} writes; its "
-             f"checkpoints need about {need / 2**30:.2f} GiB")
+             f"checkpoints{' and replay' if cfg.save_replay else ''} need about {need / 2**30:.2f} GiB")
 
 
 def main(argv=None):

@@ -25,18 +25,23 @@ def warn(message):
 
 
 def save_checkpoint(path, payload):
-    """torch.save to a temporary file, fsync it, rename it over `path`, fsync the directory.
+    """torch.save `payload` to `path` with `write_atomic`."""
+    write_atomic(path, lambda f: torch.save(payload, f))
 
-    A crash at any moment (kill -9, power loss) leaves either the previous checkpoint or the new
-    one, never a half-written file: the rename is atomic, and the fsyncs make sure that the
-    renamed file holds its data and that the rename itself reaches the disk. A failed write (e.g.
-    OSError ENOSPC, disk full) removes the temporary file, leaves the previous checkpoint as it
-    was and raises.
+
+def write_atomic(path, write):
+    """`write(f)` to a temporary file, fsync it, rename it over `path`, fsync the directory.
+
+    A crash at any moment (kill -9, power loss) leaves either the previous file or the new one,
+    never a half-written file: the rename is atomic, and the fsyncs make sure that the renamed
+    file holds its data and that the rename itself reaches the disk. A failed write (e.g.
+    OSError ENOSPC, disk full) removes the temporary file, leaves the previous file as it was
+    and raises.
     """
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

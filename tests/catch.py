@@ -3,7 +3,8 @@
 A ball falls one row per step from a random column of the top row; a paddle on the bottom row
 moves left / stays / moves right. When the ball reaches the bottom row the episode ends with
 +1 if the paddle is under it and −1 otherwise. Frames are RGB (rows·8 × cols·8) and go through
-train.py's resize to 64×64 like any non-Atari env. Registered as `tests.catch:Catch-v0`.
+train.py's resize to 64×64 like any non-Atari env. Registered as `tests.catch:Catch-v0`. It has
+`get_state` / `set_state` (see env.SavesState), so a resumed run continues its episodes.
 """
 import gymnasium as gym
 import numpy as np
@@ -29,6 +30,14 @@ class Catch(gym.Env):
         done = self.ball_row == self.rows - 1
         reward = (1.0 if self.paddle == self.ball_col else -1.0) if done else 0.0
         return self._frame(), reward, done, False, {}
+
+    def get_state(self):  # the env state protocol of env.SavesState
+        return dict(ball=(self.ball_row, self.ball_col), paddle=self.paddle,
+                    rng=self.np_random.bit_generator.state)
+
+    def set_state(self, state):
+        (self.ball_row, self.ball_col), self.paddle = state["ball"], state["paddle"]
+        self.np_random.bit_generator.state = state["rng"]
 
     def _frame(self):
         grid = np.zeros((self.rows, self.cols, 3), np.uint8)

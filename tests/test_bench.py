@@ -178,3 +178,12 @@ def test_ddp_speed_at_world_size_2():
                   "--horizon", "2", "--updates", "1", "--warmup_updates", "0")
     assert r["world_size"] == 2 and r["backend"] == "gloo"
     assert r["replayed_steps_per_sec"] == pytest.approx(2 * 2 * 4 / r["sec_per_update_median"])
+
+
+def test_checkpoint_speed_with_a_saved_replay():
+    r = run_bench("checkpoint_speed.py", "--capacity", "400", "--num_envs", "2",
+                  "--checkpoint_interval", "100")
+    assert r["chunks"] == 1 and r["chunk_steps"] == 400  # a chunk is at most the whole ring
+    assert r["latents_bytes"] >= 400 * (2 * 128 + 32)  # tiny: deter 128
+    assert 400 * 12_303 <= r["replay_disk_bytes"]
+    assert max(r["replay_disk_bytes_before_commit"], r["replay_disk_bytes_after_commit"]) <= r["estimate_bytes"]

@@ -300,7 +300,8 @@ def test_unreadable_resume_and_wandb_key_are_one_line_errors(tmp_path):
 
 
 def test_too_little_disk_space_warns_once(tmp_path, monkeypatch, capsys):
-    cfg = train.Config(env="tests.catch:Catch-v0", model_size="12m", run_dir=str(tmp_path / "run"))
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="12m", run_dir=str(tmp_path / "run"),
+                       save_replay=False)  # the replay is counted in tests/test_resume.py
     free = 100 * 2**20  # two 12m checkpoints are about 290 MiB
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free))
     train.warn_if_disk_too_small(cfg)

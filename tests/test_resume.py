@@ -1,0 +1,184 @@
+"""Exact resume: the replay is saved with the run, and a run stopped and resumed ends bit for bit
+where one that never stopped does (CPU), on the scripted Catch env and on ALE Pong."""
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import replay as replay_module
+import train
+from replay import Replay, ReplayStore
+
+# Half an update per collection step of the 2 envs: few updates, as each costs about 0.3 s.
+TINY = dict(model_size="tiny", num_envs=2, batch_size=2, sequence_length=8, train_ratio=4.0,
+            learning_starts=48, imagination_horizon=4, log_interval=32, checkpoint_interval=0,
+            wandb_mode="disabled", video_interval=0, image_interval=0, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny model's ops are far too small for two threads, and on a busy machine their
+    # waits for each other make acting 40 times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fill(replay, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        e = replay.num_envs
+        replay.add(rng.integers(0, 256, (e, 64, 64, 3), np.uint8), action=rng.integers(0, 4, e),
+                   reward=rng.normal(size=e).astype(np.float32), is_first=rng.random(e) < 0.1,
+                   is_last=rng.random(e) < 0.1, is_terminal=rng.random(e) < 0.05,
+                   **({"deter": rng.normal(size=(e, 16)).astype(np.float32),
+                       "stoch": rng.integers(0, 8, (e, 32))} if replay.context else {}))
+        yield
+
+
+def assert_same_replay(a, b):
+    assert (a.pos, a.filled, a.adds) == (b.pos, b.filled, b.adds)
+    assert np.array_equal(a.obs, b.obs)
+    for k in a.data:
+        assert np.array_equal(a.data[k], b.data[k]), k
+
+
+def test_replay_store_writes_full_chunks_once_and_loads_back_the_ring(tmp_path):
+    replay = Replay(60, 2, latent=(16, 32))  # 30 steps per env
+    store = ReplayStore(str(tmp_path), replay, chunk_steps=16)  # 8 write positions per chunk
+    for _ in fill(replay, 20):
+        store.after_add()
+    assert sorted(os.listdir(tmp_path)) == ["chunk_000000000.npz", "chunk_000000001.npz"]
+    record = store.save()
+    store.commit(record)
+    assert record["tail"] in os.listdir(tmp_path) and record["latents"] in os.listdir(tmp_path)
+    # The ring wraps: chunks it has overwritten go with the next checkpoint, not before.
+    for _ in fill(replay, 50, seed=1):
+        store.after_add()
+    assert "chunk_000000000.npz" in os.listdir(tmp_path)
+    record = store.save()
+    store.commit(record)  # 70 adds: steps 40..69 are in the ring, chunk 5 (40..47) is the oldest
+    names = sorted(os.listdir(tmp_path))
+    assert names == [f"chunk_00000000{k}.npz" for k in range(5, 8)] + [record["latents"], record["tail"]]
+    loaded = Replay(60, 2, latent=(16, 32))
+    ReplayStore(str(tmp_path), loaded).load(record)
+    assert_same_replay(loaded, replay)
+
+
+def test_a_crash_between_replay_and_checkpoint_keeps_the_previous_checkpoint_whole(tmp_path):
+    replay = Replay(40, 2, latent=(16, 32))
+    store = ReplayStore(str(tmp_path), replay, chunk_steps=8)
+    for _ in fill(replay, 13):
+        store.after_add()
+    record = store.save()
+    store.commit(record)
+    saved = Replay(40, 2, latent=(16, 32))
+    ReplayStore(str(tmp_path), saved).load(record)
+    for _ in fill(replay, 30, seed=1):  # the ring wraps past the checkpoint's steps
+        store.after_add()
+    store.save()  # ... and the process dies before the checkpoint naming this tail is written
+    loaded = Replay(40, 2, latent=(16, 32))
+    ReplayStore(str(tmp_path), loaded).load(record)
+    assert_same_replay(loaded, saved)
+
+
+def run(run_dir, steps, resume="", env="tests.catch:Catch-v0", **overrides):
+    cfg = train.Config(env=env, total_steps=steps, run_dir=str(run_dir), resume=resume,
+                       **{**TINY, "capacity": 100, **overrides})
+    return train.train(train.Trainer(cfg, train.prepare(cfg)))
+
+
+def assert_same_run(b, c, run_dir_b, run_dir_c):
+    assert b.counters == c.counters and b.updates_due.credit == c.updates_due.credit
+    for (name, x), y in zip(b.agent.state_dict().items(), c.agent.state_dict().values()):
+        assert torch.equal(x, y), name
+    sb, sc = b.opt.state_dict()["state"], c.opt.state_dict()["state"]
+    assert sb.keys() == sc.keys()
+    for k in sb:
+        assert sb[k]["step"] == sc[k]["step"]
+        assert torch.equal(sb[k]["nu"], sc[k]["nu"]) and torch.equal(sb[k]["mu"], sc[k]["mu"])
+    assert_same_replay(b.replay, c.replay)
+    assert b.replay.rng.bit_generator.state == c.replay.rng.bit_generator.state
+    assert np.array_equal(b.collector.obs, c.collector.obs)
+    for x, y in zip(b.policy.state, c.policy.state):
+        assert torch.equal(x, y)
+    # ... and what is on disk: the checkpoint's replay loads as the ring it had.
+    ckpt = torch.load(os.path.join(run_dir_b, "checkpoint.pt"), weights_only=False)
+    loaded = Replay(b.cfg.capacity, b.cfg.num_envs, latent=train.replay_latent(b.cfg))
+    ReplayStore(os.path.join(run_dir_b, "replay"), loaded).load(ckpt["replay"])
+    assert_same_replay(loaded, c.replay)
+
+
+def test_resumed_run_ends_bit_for_bit_where_an_unbroken_run_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(replay_module, "CHUNK_STEPS", 16)  # several chunks, and the ring wraps
+    a = run(tmp_path / "ab", 70)
+    assert a.counters["updates"] > 0 and a.replay.adds > a.replay.length / 2
+    # Catch's episodes last 5 steps: A stops on a last step, so B's envs must reset first.
+    assert a.collector.episodes.is_last.all()
+    b = run(tmp_path / "ab", 140, resume=str(tmp_path / "ab" / "checkpoint.pt"))
+    c = run(tmp_path / "c", 140)
+    assert c.replay.adds > c.replay.length and c.counters["episodes"] > 5
+    assert_same_run(b, c, str(tmp_path / "ab"), str(tmp_path / "c"))
+
+
+def test_resumed_pong_run_ends_bit_for_bit_where_an_unbroken_run_does(tmp_path):
+    # The emulators come back with their RNGs (sticky actions) and the no-op RNG; a few updates.
+    pong = dict(env="ALE/Pong-v5", learning_starts=256, capacity=1000)
+    run(tmp_path / "ab", 160, **pong)
+    b = run(tmp_path / "ab", 320, resume=str(tmp_path / "ab" / "checkpoint.pt"), **pong)
+    c = run(tmp_path / "c", 320, **pong)
+    assert c.counters["updates"] > 0
+    assert_same_run(b, c, str(tmp_path / "ab"), str(tmp_path / "c"))
+
+
+NO_UPDATES = dict(learning_starts=10**6)
+
+
+def test_resume_with_another_num_envs_is_refused_unless_the_replay_starts_afresh(tmp_path):
+    run(tmp_path, 8, **NO_UPDATES)
+    cfg = train.Config(env="tests.catch:Catch-v0", resume=str(tmp_path / "checkpoint.pt"),
+                       **{**TINY, **NO_UPDATES, "capacity": 100, "num_envs": 4})
+    with pytest.raises(ValueError, match="replay was saved with --num_envs 2 --capacity 100.*"
+                                         "--no-save_replay"):
+        train.prepare(dataclasses.replace(cfg))
+    train.prepare(dataclasses.replace(cfg, save_replay=False))  # then the envs restart (below)
+
+
+def test_what_cannot_be_restored_is_said_once(tmp_path, capsys):
+    # The scripted envs have no get_state / set_state: their episodes restart.
+    run(tmp_path, 8, env="tests.scripted:Terminate-v0", **NO_UPDATES)
+    capsys.readouterr()
+    resumed = run(tmp_path, 16, env="tests.scripted:Terminate-v0", save_replay=False,
+                  resume=str(tmp_path / "checkpoint.pt"), **NO_UPDATES)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 2, warnings
+    assert "--no-save_replay: the replay starts empty" in warnings[0]
+    assert "Terminate-v0 has no get_state / set_state" in warnings[1]
+    assert resumed.replay.adds == 4 and resumed.replay.data["is_first"][:, 0].all()
+
+
+def test_disk_check_counts_the_replay(tmp_path, monkeypatch, capsys):
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="12m", capacity=100_000,
+                       checkpoint_interval=10_000, run_dir=str(tmp_path / "run"))
+    assert train.replay_disk_bytes(dataclasses.replace(cfg, save_replay=False)) == 0
+    # frames and fields of capacity + interval + a chunk, two copies of the ring's latents
+    expected = 12_303 * (100_000 + 10_000 + replay_module.CHUNK_STEPS) + 2 * 100_000 * 4128
+    assert train.replay_disk_bytes(cfg) == expected
+    monkeypatch.setattr(train.shutil, "disk_usage",
+                        lambda path: train.shutil._ntuple_diskusage(10**12, 0, 2 * 2**30))
+    train.warn_if_disk_too_small(cfg)
+    assert "checkpoints and replay need about 2.36 GiB" in capsys.readouterr().err
+
+
+def test_missing_replay_file_is_a_one_line_error(tmp_path):
+    run(tmp_path, 8, **NO_UPDATES)
+    for name in os.listdir(tmp_path / "replay"):
+        os.unlink(tmp_path / "replay" / name)
+    cfg = train.Config(env="tests.catch:Catch-v0", resume=str(tmp_path / "checkpoint.pt"),
+                       **{**TINY, **NO_UPDATES, "capacity": 100})
+    with pytest.raises(ValueError, match=r"^--resume .*checkpoint.pt: replay file .*tail_000000000004.npz "
+                                         r"is missing or unreadable .*; add --no-save_replay"):
+        train.Trainer(cfg, train.prepare(cfg))
