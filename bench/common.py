@@ -90,3 +90,12 @@ def run_config(run_dir):
         return dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"])
     records = eval_records(run_dir)
     return {"env": records[-1]["env"]} if records else {}
+
+
+def add_timing_args(p, warmup, updates, threads, threads_help):
+    """The flags every update benchmark shares: untimed and timed updates, actions, threads, seed."""
+    p.add_argument("--warmup_updates", type=int, default=warmup, help="untimed updates first (compile, allocator)")
+    p.add_argument("--updates", type=int, default=updates, help="timed updates")
+    p.add_argument("--num_actions", type=int, default=6)
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    p.add_argument("--seed", type=int, default=0)

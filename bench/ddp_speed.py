@@ -17,7 +17,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-import common  # noqa: F401  (puts the repo root on sys.path)
+import common  # also puts the repo root on sys.path
 import distributed
 import train
 from update_speed import synthetic_batch
@@ -59,11 +59,7 @@ def main(argv=None):
     p.add_argument("--sequence_length", type=int, default=64)
     p.add_argument("--horizon", type=int, default=15, help="imagination horizon")
     p.add_argument("--world_sizes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--warmup_updates", type=int, default=1, help="untimed updates first")
-    p.add_argument("--updates", type=int, default=3, help="timed updates")
-    p.add_argument("--num_actions", type=int, default=6)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_timing_args(p, warmup=1, updates=3, threads=1, threads_help="torch CPU threads per rank")
     args = p.parse_args(argv)
     if args.updates < 1 or min(args.world_sizes) < 1:
         p.error("--updates and --world_sizes must be >= 1")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import common  # noqa: F401  (puts the repo root on sys.path)
+import common  # also puts the repo root on sys.path
 import peak
 import train
 
@@ -82,11 +82,7 @@ def main(argv=None):
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count the FLOPs of one update (one extra eager update)")
     p.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak (0: skip)")
-    p.add_argument("--warmup_updates", type=int, default=2, help="untimed updates first (compile, allocator)")
-    p.add_argument("--updates", type=int, default=5, help="timed updates")
-    p.add_argument("--num_actions", type=int, default=6)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_timing_args(p, warmup=2, updates=5, threads=0, threads_help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.updates < 1:
         p.error("--updates must be >= 1")
