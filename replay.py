@@ -134,6 +134,9 @@ class Replay:
 
 # Write positions per chunk file: about 4096 steps (50 MB of frames) whatever the number of envs.
 CHUNK_STEPS = 4096
+# A checkpoint writes the whole ring's refreshed latents up to this size, less than a 50m
+# checkpoint.pt: 1.8M steps of the tiny model, 130k of 12m (deter 2048), 65k of 50m (deter 4096).
+EXACT_LATENTS_BYTES = 2**29
 
 
 class ReplayStore:
@@ -141,18 +144,26 @@ class ReplayStore:
 
     Frames and fields never change once stored, so they are written once, in chunk files of C
     write positions of all envs (chunk k holds the steps stored by `add` calls k·C to (k+1)·C),
-    each as soon as it is full. A checkpoint adds the open tail (the steps after the last full
-    chunk) and, with replay context, the latents of the whole ring, which training refreshes
-    everywhere (2·deter + 32 bytes per step). `save` writes both and returns the record that goes
-    in the checkpoint; a checkpoint written after it names everything it needs, so a crash
-    between the two leaves the previous checkpoint with its own files. `commit` (after the
-    checkpoint) deletes what no checkpoint needs any more: chunks the ring has overwritten and
-    older tails and latents. Every file is written atomically (`write_atomic`).
+    each as soon as it is full, with (replay context) the latents its steps have then. A
+    checkpoint adds the open tail (the steps after the last full chunk). Training refreshes the
+    latents of every step it replays, so a checkpoint also writes the whole ring's latents
+    (2·deter + 32 bytes per step) when they fit in `exact_latents_bytes`; then a resume is exact.
+    Above that a checkpoint writes no more than a chunk whatever the replay size, and a resumed
+    replay starts each step from the latent it had when its chunk was written (as the official
+    code does), which training refreshes again.
+
+    `save` writes the tail (and latents) and returns the record that goes in the checkpoint; a
+    checkpoint written after it names everything it needs, so a crash between the two leaves the
+    previous checkpoint with its own files. `commit` (after the checkpoint) deletes what no
+    checkpoint needs any more: chunks the ring has overwritten and older tails and latents. Every
+    file is written atomically (`write_atomic`).
     """
 
-    def __init__(self, directory, replay, chunk_steps=None):
+    def __init__(self, directory, replay, chunk_steps=None, exact_latents_bytes=None):
         self.dir, self.replay = directory, replay
         chunk_steps = chunk_steps or CHUNK_STEPS
+        limit = EXACT_LATENTS_BYTES if exact_latents_bytes is None else exact_latents_bytes
+        self.exact = replay.context and ring_latent_bytes(replay) <= limit
         self.chunk = max(1, min(chunk_steps // replay.num_envs, replay.length))
         self.unwritten = []  # full chunks whose write failed (disk full): retried by `save`
         os.makedirs(directory, exist_ok=True)
@@ -183,15 +194,17 @@ class ReplayStore:
             self.unwritten.pop(0)
 
     def write_steps(self, name, start, end):
-        """Frames and fields of the steps stored by add calls start..end-1 (all in the ring)."""
+        """Frames, fields and latents of the steps stored by add calls start..end-1 (all in the
+        ring)."""
         r = self.replay
         index = np.arange(start, end) % r.length
-        arrays = {k: r.data[k][:, index] for k in r.FIELDS}
+        arrays = {k: v[:, index] for k, v in r.data.items()}
         write_atomic(self.path(name), lambda f: np.savez(f, start=np.int64(start), obs=r.obs[:, index],
                                                          **arrays))
 
     def save(self):
-        """Write the open tail (and the ring's latents); returns the checkpoint's record."""
+        """Write the open tail (and the ring's latents when exact); returns the checkpoint's
+        record."""
         r = self.replay
         self.write_unwritten()
         end = r.adds
@@ -199,7 +212,7 @@ class ReplayStore:
         tail = f"tail_{end:012d}.npz"
         self.write_steps(tail, start, end)
         latents = None
-        if r.context:
+        if self.exact:
             latents = f"latents_{end:012d}.npz"
             write_atomic(self.path(latents),
                          lambda f: np.savez(f, deter=r.data["deter"], stoch=r.data["stoch"]))
@@ -238,12 +251,13 @@ class ReplayStore:
                     keep = steps >= oldest
                     index = steps[keep] % r.length
                     r.obs[:, index] = saved["obs"][:, keep]
-                    for k in r.FIELDS:
-                        r.data[k][:, index] = saved[k][:, keep]
+                    for k in r.data:
+                        if k in saved:  # files of an older version hold no latents
+                            r.data[k][:, index] = saved[k][:, keep]
             except (OSError, ValueError, KeyError) as e:
                 raise ValueError(f"replay file {self.path(name)} is missing or unreadable "
                                  f"({type(e).__name__})") from None
-        if record["latents"] is not None and r.context:
+        if record["latents"] is not None and r.context:  # the ring's latents at the checkpoint
             with np.load(self.path(record["latents"])) as saved:
                 r.data["deter"][:], r.data["stoch"][:] = saved["deter"], saved["stoch"]
         r.adds, r.pos, r.filled = end, end % r.length, min(end, r.length)
@@ -252,3 +266,8 @@ class ReplayStore:
 
     def disk_bytes(self):
         return sum(e.stat().st_size for e in os.scandir(self.dir) if e.is_file())
+
+
+def ring_latent_bytes(replay):
+    """Bytes of the latents of the whole ring (0 without replay context)."""
+    return sum(replay.data[k].nbytes for k in ("deter", "stoch") if k in replay.data)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import replay
 from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
@@ -905,16 +906,16 @@ def checkpoint_bytes(cfg, num_actions=18):
 
 
 def replay_disk_bytes(cfg):
-    """Disk used by --save_replay at most: the frames and fields of the capacity, plus those
-    stored since the last checkpoint (the ring's overwritten chunks are deleted after each
-    checkpoint) and a chunk; with replay context, two copies of the ring's latents (the
-    checkpoint's and the next one's, written before the checkpoint)."""
+    """Disk used by --save_replay at most: the steps (frames, fields, latents) of the capacity,
+    plus those stored since the last checkpoint (the ring's overwritten chunks are deleted after
+    each checkpoint) and a chunk; with replay context small enough for exact resume, two copies of
+    the ring's latents (the checkpoint's and the next one's, written before the checkpoint)."""
     if not cfg.save_replay:
         return 0
-    frames = Replay.step_bytes() * (cfg.capacity + cfg.checkpoint_interval + CHUNK_STEPS)
     latent = replay_latent(cfg)
-    latents = 2 * cfg.capacity * (Replay.step_bytes(latent=latent) - Replay.step_bytes()) if latent else 0
-    return frames + latents
+    steps = Replay.step_bytes(latent=latent) * (cfg.capacity + cfg.checkpoint_interval + CHUNK_STEPS)
+    ring_latents = cfg.capacity * (Replay.step_bytes(latent=latent) - Replay.step_bytes())
+    return steps + (2 * ring_latents if ring_latents <= replay.EXACT_LATENTS_BYTES else 0)
 
 
 def warn_if_disk_too_small(cfg):

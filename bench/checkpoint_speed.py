@@ -1,5 +1,6 @@
 """Measure what --save_replay costs: the chunk writes while the replay fills, and the time and
-size of a checkpoint (replay tail, ring latents, checkpoint.pt) with a full replay.
+size of a checkpoint (replay tail, ring latents when they are small enough to be saved whole,
+checkpoint.pt) with a full replay.
 
     python bench/checkpoint_speed.py --capacity 200000 --num_envs 16 --model_size tiny
 
@@ -74,7 +75,8 @@ def measure(cfg, args, folder):
         seconds = time.perf_counter() - t
         store.commit(record)
         size = lambda name: os.path.getsize(os.path.join(store.dir, name))  # noqa: E731
-        return seconds, record, os.path.getsize(path), size(record["tail"]), size(record["latents"])
+        latent_bytes = size(record["latents"]) if record["latents"] else 0
+        return seconds, record, os.path.getsize(path), size(record["tail"]), latent_bytes
 
     t = time.perf_counter()
     chunk_seconds = fill(args.capacity)
@@ -86,7 +88,7 @@ def measure(cfg, args, folder):
     peak = store.disk_bytes()  # the overwritten chunks stay until the next checkpoint is written
     second, *_ = checkpoint()
     return dict(capacity=args.capacity, num_envs=E, model_size=args.model_size,
-                chunk_steps=store.chunk * E, chunks=chunks,
+                chunk_steps=store.chunk * E, chunks=chunks, exact_latents=store.exact,
                 chunk_write_seconds_per_chunk=chunk_seconds / max(chunks, 1),
                 fill_seconds=fill_seconds, chunk_write_seconds=chunk_seconds,
                 checkpoint_seconds=first, second_checkpoint_seconds=second,

@@ -68,6 +68,30 @@ def test_replay_store_writes_full_chunks_once_and_loads_back_the_ring(tmp_path):
     assert_same_replay(loaded, replay)
 
 
+def test_a_large_ring_saves_each_steps_latent_as_its_chunk_was_written(tmp_path):
+    """Above exact_latents_bytes a checkpoint writes no ring latents: a full chunk brings back the
+    latents its steps had when it was written, the tail those of the checkpoint."""
+    replay = Replay(60, 2, latent=(16, 32))
+    store = ReplayStore(str(tmp_path), replay, chunk_steps=16, exact_latents_bytes=0)
+    for _ in fill(replay, 8):
+        store.after_add()  # chunk 0 (adds 0..7) is written here
+    at_chunk = {k: replay.data[k].copy() for k in ("deter", "stoch")}
+    for _ in fill(replay, 4, seed=1):
+        store.after_add()
+    replay.refresh(np.array([0, 1]), np.array([[2, 3], [9, 10]]),  # training refreshes steps
+                   np.ones((2, 2, 16), np.float32), np.full((2, 2, 32), 7))  # of chunk 0 and the tail
+    record = store.save()
+    store.commit(record)
+    assert record["latents"] is None and not any(n.startswith("latents_") for n in os.listdir(tmp_path))
+    loaded = Replay(60, 2, latent=(16, 32))
+    ReplayStore(str(tmp_path), loaded).load(record)
+    for k in ("deter", "stoch"):
+        assert np.array_equal(loaded.data[k][:, :8], at_chunk[k][:, :8]), k  # refreshed after writing
+        assert np.array_equal(loaded.data[k][:, 8:12], replay.data[k][:, 8:12]), k  # the tail
+        assert not np.array_equal(loaded.data[k][0, 2:4], replay.data[k][0, 2:4]), k
+    assert np.array_equal(loaded.obs, replay.obs) and np.array_equal(loaded.data["action"], replay.data["action"])
+
+
 def test_a_crash_between_replay_and_checkpoint_keeps_the_previous_checkpoint_whole(tmp_path):
     replay = Replay(40, 2, latent=(16, 32))
     store = ReplayStore(str(tmp_path), replay, chunk_steps=8)
@@ -164,13 +188,17 @@ def test_disk_check_counts_the_replay(tmp_path, monkeypatch, capsys):
     cfg = train.Config(env="tests.catch:Catch-v0", model_size="12m", capacity=100_000,
                        checkpoint_interval=10_000, run_dir=str(tmp_path / "run"))
     assert train.replay_disk_bytes(dataclasses.replace(cfg, save_replay=False)) == 0
-    # frames and fields of capacity + interval + a chunk, two copies of the ring's latents
-    expected = 12_303 * (100_000 + 10_000 + replay_module.CHUNK_STEPS) + 2 * 100_000 * 4128
+    # frames, fields and latents of capacity + interval + a chunk; two copies of the ring's
+    # latents while they are saved whole (412.8 MB at 100k steps of 12m, not 825.6 MB at 200k)
+    step = 12_303 + 4128
+    expected = step * (100_000 + 10_000 + replay_module.CHUNK_STEPS) + 2 * 100_000 * 4128
     assert train.replay_disk_bytes(cfg) == expected
+    larger = dataclasses.replace(cfg, capacity=200_000)
+    assert train.replay_disk_bytes(larger) == step * (200_000 + 10_000 + replay_module.CHUNK_STEPS)
     monkeypatch.setattr(train.shutil, "disk_usage",
                         lambda path: train.shutil._ntuple_diskusage(10**12, 0, 2 * 2**30))
     train.warn_if_disk_too_small(cfg)
-    assert "checkpoints and replay need about 2.36 GiB" in capsys.readouterr().err
+    assert "checkpoints and replay need about 2.80 GiB" in capsys.readouterr().err
 
 
 def test_missing_replay_file_is_a_one_line_error(tmp_path):
