@@ -494,10 +494,8 @@ class Trainer:
                 warn(f"update {self.counters['updates'] + 1} skipped: non-finite loss or gradient "
                      f"(weights, optimizer and normaliser unchanged)")
             if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES:
-                kept = "no checkpoint was written" if self.saved_step is None else \
-                    f"the checkpoint of step {self.saved_step} is kept"
                 raise RunError(f"{self.skipped_in_a_row} updates in a row had a non-finite loss or "
-                               f"gradient; stopping ({kept})")
+                               f"gradient; stopping ({self.kept()})")
             return None
         self.skipped_in_a_row = 0
         if self.replay.context:  # the stored context of the replayed steps, from the newer model
@@ -609,11 +607,15 @@ class Trainer:
         try:
             self.save()
         except OSError as e:
-            kept = "no checkpoint yet" if self.saved_step is None else \
-                f"the checkpoint of step {self.saved_step} is kept"
             warn(f"could not write the checkpoint at step {self.counters['env_steps']} "
-                 f"({e.strerror or e}); {kept}; training continues and retries in "
+                 f"({e.strerror or e}); {self.kept()}; training continues and retries in "
                  f"{self.cfg.checkpoint_interval} steps")
+
+    def kept(self):
+        """What a failure leaves on disk, for its message."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint of step {self.saved_step} is kept"
 
     def close(self):
         self.envs.close()
@@ -786,10 +788,8 @@ def train(trainer):
             if not interrupted and failure is None:
                 trainer.save()
         except OSError as e:
-            kept = "no checkpoint was written" if trainer.saved_step is None else \
-                f"the checkpoint of step {trainer.saved_step} is kept"
             failure = f"could not write the final checkpoint at step {c['env_steps']} " \
-                      f"({e.strerror or e}); {kept}"
+                      f"({e.strerror or e}); {trainer.kept()}"
         finally:
             trainer.close()
     if interrupted:
