@@ -209,7 +209,7 @@ class DenseBlock(nn.Sequential):
     """Linear → RMSNorm → SiLU."""
 
     def __init__(self, fan_in, fan_out):
-        super().__init__(Linear(fan_in, fan_out, bias=False), RMSNorm(fan_out), nn.SiLU())
+        super().__init__(Linear(fan_in, fan_out), RMSNorm(fan_out), nn.SiLU())
 
 
 class MLP(nn.Sequential):
@@ -232,7 +232,8 @@ class BlockLinear(nn.Module):
         self.blocks = blocks
         self.weight = nn.Parameter(torch.empty(blocks, fan_in // blocks, fan_out // blocks))
         self.bias = nn.Parameter(torch.zeros(fan_out))
-        init_trunc_normal_(self.weight, fan_in // blocks)
+        # As in the official code the fan-in is the full input width, not a block's.
+        init_trunc_normal_(self.weight, fan_in)
 
     def forward(self, x):
         lead = x.shape[:-1]
@@ -252,8 +253,9 @@ class Encoder(nn.Module):
         super().__init__()
         layers, ch = [], 3
         for mult in mults:
-            conv = nn.Conv2d(ch, depth * mult, 4, stride=2, padding=1, bias=False)
+            conv = nn.Conv2d(ch, depth * mult, 4, stride=2, padding=1)
             init_trunc_normal_(conv.weight, ch * 16)
+            nn.init.zeros_(conv.bias)
             layers += [conv, ChannelNorm(depth * mult), nn.SiLU()]
             ch = depth * mult
         self.net = nn.Sequential(*layers)
@@ -273,16 +275,16 @@ class Decoder(nn.Module):
         super().__init__()
         chans = [depth * m for m in mults][::-1]  # e.g. (4d, 4d, 3d, 2d) from 4×4 upwards
         self.start = (chans[0], image_size // 2 ** len(mults), image_size // 2 ** len(mults))
-        self.inp = nn.Sequential(Linear(feat_dim, math.prod(self.start), bias=False),
+        self.inp = nn.Sequential(Linear(feat_dim, math.prod(self.start)),
                                  RMSNorm(math.prod(self.start)), nn.SiLU())
         layers = []
         outs = chans[1:] + [3]
         for i, (cin, cout) in enumerate(zip(chans, outs)):
             last = i == len(outs) - 1
-            conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=last)
+            conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
             init_trunc_normal_(conv.weight, cin * 4)
+            nn.init.zeros_(conv.bias)
             if last:
-                nn.init.zeros_(conv.bias)
                 layers.append(conv)
             else:
                 layers += [conv, ChannelNorm(cout), nn.SiLU()]
@@ -399,8 +401,10 @@ class RSSM(nn.Module):
         return deter, self._sample(prior), prior
 
     def embed_share(self, embed):
-        """The embedding's share of the posterior's first layer: (..., E) → (..., hidden)."""
-        return embed @ self.post_net[0][0].weight[:, self.deter:].t()
+        """The embedding's share of the posterior's first layer, with its bias: (..., E) →
+        (..., hidden)."""
+        first = self.post_net[0][0]
+        return embed @ first.weight[:, self.deter:].t() + first.bias
 
     def _post_step(self, deter, stoch, keep, action_share, embed_share, weights):
         """obs_step on shares computed ahead: keep (N, 1) is 0 where is_first."""

@@ -264,6 +264,45 @@ def test_obs_step_resets_state_and_previous_action_at_is_first():
     assert not torch.allclose(d2, d0)
 
 
+def test_layers_before_a_norm_have_biases_and_the_split_steps_use_them():
+    """As in the official code every dense and conv layer before a norm has a bias (zero at init;
+    the RMS norms have no shift). The RSSM step, computed in precomputed parts, must equal the
+    plain computation (each GRU block sees its slice of deter next to the embeddings of deter,
+    stoch and action; the posterior sees deter and the embedding) with random non-zero biases."""
+    agent, _ = tiny_agent()
+    rssm = agent.rssm
+    before_norm = [rssm.in_deter[0], rssm.in_stoch[0], rssm.in_action[0], rssm.post_net[0][0],
+                   rssm.prior_net[0][0], agent.encoder.net[0], agent.decoder.inp[0], agent.decoder.net[0]]
+    assert all(layer.bias is not None and not layer.bias.any() for layer in before_norm)
+    with torch.no_grad():
+        for p in rssm.parameters():
+            p.normal_(0, 0.3)
+    N, g = 3, rssm.blocks
+    embed = torch.randn(N, agent.encoder.out_dim)
+    deter = torch.randn(N, rssm.deter)
+    stoch = F.one_hot(torch.randint(0, rssm.classes, (N, rssm.stoch)), rssm.classes).float().flatten(1)
+    action = F.one_hot(torch.tensor([0, 1, 2]), 3).float()
+    d, _, post = rssm.obs_step(deter, stoch, action, embed, torch.zeros(N, dtype=torch.bool))
+    shared = torch.cat([rssm.in_deter(deter), rssm.in_stoch(stoch), rssm.in_action(action)], -1)
+    x = torch.cat([deter.reshape(N, g, -1), shared[:, None].expand(N, g, -1)], -1).flatten(1)
+    x = rssm.gru_gates(F.silu(rssm.gru_norm(rssm.gru_hidden(x)))).reshape(N, g, 3, -1)
+    reset, cand, update = x.unbind(-2)
+    update = torch.sigmoid(update - 1.0)
+    expected = (update * torch.tanh(torch.sigmoid(reset) * cand)
+                + (1 - update) * deter.reshape(N, g, -1)).flatten(1)
+    torch.testing.assert_close(d, expected, rtol=1e-5, atol=1e-5)
+    logits = rssm.post_net(torch.cat([expected, embed], -1)).reshape(N, rssm.stoch, rssm.classes)
+    torch.testing.assert_close(post, unimix(logits, rssm.mix), rtol=1e-5, atol=1e-5)
+
+
+def test_block_linear_init_takes_the_full_input_width_as_fan_in():
+    """Truncated normal with std 1/sqrt(fan_in) where fan_in is the whole input (official), not
+    one block's: the weights of the GRU's gate layer have std 1/sqrt(deter)."""
+    agent, _ = tiny_agent()
+    w = agent.rssm.gru_gates.weight
+    assert abs(w.std().item() * math.sqrt(agent.rssm.deter) - 1.0) < 0.05
+
+
 def test_block_gru_keeps_blocks_independent():
     agent, _ = tiny_agent()
     gates = agent.rssm.gru_gates
