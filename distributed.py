@@ -7,8 +7,10 @@ them (`python train.py`) no process group is made and every function here does n
 size 1, rank 0). Under torchrun each rank runs its own envs and replay; every update averages the
 gradients over the ranks before the one optimizer step, so all ranks hold the same weights, slow
 critic and optimizer state, and the return normaliser takes its percentiles over the λ-returns of
-all ranks. Rank 0 alone logs and writes checkpoints. Collectives go through this module, so that
-a rank whose collective fails because another rank died can tell that apart from its own error.
+all ranks. Rank 0 alone logs and writes checkpoints; every rank keeps its own replay on disk
+(`<run_dir>/replay/` for rank 0, `<run_dir>/replay/rank_<r>/` for rank r). Collectives go
+through this module, so that a rank whose collective fails because another rank died can tell
+that apart from its own error.
 """
 import datetime
 import os
@@ -115,6 +117,15 @@ def from_main(obj):
     box = [obj]
     _collective(dist.broadcast_object_list, box, src=0)
     return box[0]
+
+
+def gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] of a picklable `obj` on every rank; [obj] without torchrun."""
+    if not active():
+        return [obj]
+    everyone = [None] * world_size()
+    _collective(dist.all_gather_object, everyone, obj)
+    return everyone
 
 
 def gather(x):

@@ -265,7 +265,9 @@ class ReplayStore:
         self.unwritten = []
 
     def disk_bytes(self):
-        return sum(e.stat().st_size for e in os.scandir(self.dir) if e.is_file())
+        """Bytes under the folder, with its subfolders (rank 0's holds the other ranks' replays)."""
+        return sum(os.path.getsize(os.path.join(folder, name))
+                   for folder, _, names in os.walk(self.dir) for name in names)
 
 
 def ring_latent_bytes(replay):

@@ -61,8 +61,8 @@ class Config:
     capacity: int = arg(1_000_000, "replay capacity in steps (about 12.3 KB each, plus 2·deter + 32 bytes of "
                                    "latent with --replay_context), split over the envs")
     save_replay: bool = arg(True, "keep the replay with the run in <run_dir>/replay (frames written once, in "
-                                  "chunks) so that --resume continues with the same data; off: a resumed "
-                                  "run refills --learning_starts")
+                                  "chunks; under torchrun rank r > 0 in replay/rank_r) so that --resume "
+                                  "continues with the same data; off: a resumed run refills --learning_starts")
     replay_context: bool = arg(True, "store each step's posterior latent and start replayed windows from the "
                                      "step before them (official v2); off: from the zero state")
     sequence_length: int = arg(64, "length T of the replayed training sequences")
@@ -340,20 +340,24 @@ class Trainer:
             self.policy = AgentPolicy(self.agent, cfg.num_envs, self.device)
             # Last: the run directory must not exist for a failed start. The lock comes before
             # anything is written there: a second run on the same directory stops here. Under
-            # torchrun rank 0 alone writes the run directory.
-            if distributed.is_main():
+            # torchrun rank 0 makes and locks the run directory, and the other ranks make their
+            # replay folders in it only once that has worked; a start that fails on any rank
+            # fails on all (with_every_rank).
+            self.logger = distributed.NullLogger()
+
+            def open_run_dir():
                 self.lock = lock_run_dir(cfg.run_dir)
                 self.logger = Logger(cfg.run_dir, dataclasses.asdict(cfg), cfg.wandb_mode,
                                      cfg.wandb_key, run_id, cfg.wandb_project)
-            else:
-                self.logger = distributed.NullLogger()
-            if cfg.save_replay and self.ranks > 1 and distributed.is_main():
-                warn("--save_replay is not supported under torchrun: the replay is not saved, and a "
-                     "resumed run refills --learning_starts agent steps")
-            elif cfg.save_replay and self.ranks == 1:
-                self.replay_files = ReplayStore(os.path.join(cfg.run_dir, "replay"), self.replay)
-            if checkpoint is not None:
-                self.resume_collection(checkpoint)
+
+            def open_replay():
+                if cfg.save_replay:
+                    self.replay_files = ReplayStore(replay_dir(cfg.run_dir, distributed.rank()), self.replay)
+                if checkpoint is not None:
+                    self.resume_collection(checkpoint)
+
+            with_every_rank(open_run_dir if distributed.is_main() else None)
+            with_every_rank(open_replay)
         except BaseException:
             envs.close(terminate=True)
             if self.lock is not None:
@@ -393,19 +397,29 @@ class Trainer:
         say = warn if distributed.is_main() else (lambda message: None)
         refill = f"the resumed run collects --learning_starts {self.cfg.learning_starts} agent steps " \
                  f"before it trains again"
-        record, trainer = checkpoint.get("replay"), checkpoint.get("trainer", {})
-        if self.replay_files is not None and record is not None:
+        records, trainer = replay_records(checkpoint), checkpoint.get("trainer", {})
+        saved_by = len(records)
+        # Rank r loads the replay that rank r saved. Every rank loads or none does: the ranks
+        # update in lock step, which needs the same amount of replay on all of them.
+        if self.replay_files is not None and records[0] is not None and self.ranks <= saved_by:
             try:
-                self.replay_files.load(record)
+                self.replay_files.load(records[distributed.rank()])
             except ValueError as e:
                 raise ValueError(f"--resume {self.cfg.resume}: {e}; add --no-save_replay to resume "
                                  f"with an empty replay") from None
             self.replay_steps = trainer["replay_steps"]
+            if self.ranks < saved_by:
+                which = "rank 0's" if self.ranks == 1 else f"those of ranks 0 to {self.ranks - 1}"
+                say(f"the checkpoint's replay was saved by {saved_by} ranks; this run of {self.ranks} "
+                    f"loads {which}")
         elif not self.cfg.save_replay:
             say(f"--no-save_replay: the replay starts empty; {refill}")
-        elif self.ranks == 1:
-            say(f"the checkpoint holds no replay (saved with --no-save_replay, under torchrun or by an "
+        elif records[0] is None:
+            say(f"the checkpoint holds no replay (saved with --no-save_replay, or under torchrun by an "
                 f"older version); {refill}")
+        else:
+            say(f"the checkpoint's replay was saved by {saved_by} process{'es' if saved_by > 1 else ''}, "
+                f"this run has {self.ranks}: every rank starts with an empty replay; {refill}")
         state = checkpoint.get("collector")
         if state is None or self.ranks > 1:
             why = "the checkpoint holds none" if self.ranks == 1 else "not under torchrun"
@@ -577,39 +591,59 @@ class Trainer:
     def save(self):
         """Write checkpoint.pt (after the replay's tail, which it names). Raises OSError (e.g.
         disk full) with the previous one intact. Draws no random numbers: a run that saves goes
-        on exactly as one that does not."""
-        if not distributed.is_main():  # under torchrun rank 0 alone writes the checkpoint
-            self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
-            return
-        record = self.replay_files.save() if self.replay_files is not None else None
-        save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
-            "agent": self.agent.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "counters": dict(self.counters, update_credit=self.updates_due.credit),
-            "config": dataclasses.asdict(self.cfg),
-            "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
-            "wandb_id": self.logger.run_id,
-            "num_actions": self.num_actions,
-            "replay": record,
-            # What continues the collection exactly (see resume_collection); under torchrun the
-            # other ranks' envs are not here, so a resumed job starts new episodes.
-            "collector": self.collector.get_state() if self.ranks == 1 else None,
-            "policy": tuple(t.cpu() for t in self.policy.state),
-            "trainer": dict(replay_steps=self.replay_steps, env0_episodes=self.env0_episodes,
-                            recent_returns=list(self.recent_returns)),
-        })
+        on exactly as one that does not.
+
+        Under torchrun (call it on every rank): every rank writes its replay's tail, rank 0
+        writes the checkpoint with every rank's replay record, and only then does every rank
+        delete the replay files that the previous checkpoint needed. A failure on any rank
+        raises OSError on every rank, and then no rank deletes anything."""
+        record, error = None, None
+        if self.replay_files is not None:
+            try:
+                record = self.replay_files.save()
+            except OSError as e:
+                error = e
+        records = all_or_none(record, error)
+        error = None
+        if distributed.is_main():  # under torchrun rank 0 alone writes the checkpoint
+            try:
+                save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
+                    "agent": self.agent.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "counters": dict(self.counters, update_credit=self.updates_due.credit),
+                    "config": dataclasses.asdict(self.cfg),
+                    "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
+                    "wandb_id": self.logger.run_id,
+                    "num_actions": self.num_actions,
+                    # Rank 0's replay, where a one-process run looks, and every rank's (see
+                    # replay_records).
+                    "replay": record,
+                    "replay_ranks": records,
+                    # What continues the collection exactly (see resume_collection); under
+                    # torchrun the other ranks' envs are not here, so a resumed job starts new
+                    # episodes.
+                    "collector": self.collector.get_state() if self.ranks == 1 else None,
+                    "policy": tuple(t.cpu() for t in self.policy.state),
+                    "trainer": dict(replay_steps=self.replay_steps, env0_episodes=self.env0_episodes,
+                                    recent_returns=list(self.recent_returns)),
+                })
+            except OSError as e:
+                error = e
+        all_or_none(None, error)  # the other ranks wait for the checkpoint before they commit
         self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
         if record is not None:
             self.replay_files.commit(record)
 
     def save_or_warn(self):
-        """The periodic checkpoint: a failed write warns, and the next interval tries again."""
+        """The periodic checkpoint: a failed write warns (rank 0), and the next interval tries
+        again."""
         try:
             self.save()
         except OSError as e:
-            warn(f"could not write the checkpoint at step {self.counters['env_steps']} "
-                 f"({e.strerror or e}); {self.kept()}; training continues and retries in "
-                 f"{self.cfg.checkpoint_interval} steps")
+            if distributed.is_main():
+                warn(f"could not write the checkpoint at step {self.counters['env_steps']} "
+                     f"({e.strerror or e}); {self.kept()}; training continues and retries in "
+                     f"{self.cfg.checkpoint_interval} steps")
 
     def kept(self):
         """What a failure leaves on disk, for its message."""
@@ -622,6 +656,58 @@ class Trainer:
         self.logger.close()
         if self.lock is not None:
             self.lock.close()  # releases the run directory
+
+
+def replay_dir(run_dir, rank=0):
+    """Where a rank keeps its replay: rank 0 (and a one-process run) in <run_dir>/replay, rank r
+    of a torchrun job in <run_dir>/replay/rank_<r>."""
+    path = os.path.join(run_dir, "replay")
+    return path if rank == 0 else os.path.join(path, f"rank_{rank}")
+
+
+def replay_records(checkpoint):
+    """The replay record of every rank that saved the checkpoint, [None] without a replay. A
+    one-process checkpoint, or one of a version before "replay_ranks", has its one "replay"."""
+    return checkpoint.get("replay_ranks") or [checkpoint.get("replay")]
+
+
+def one_line(error):
+    """A ValueError's or OSError's message, as main prints it."""
+    if isinstance(error, OSError):
+        return f"{f'{error.filename}: ' if error.filename else ''}{error.strerror or error}"
+    return str(error)
+
+
+def with_every_rank(step):
+    """Run `step()` (None: nothing on this rank), then, under torchrun, learn whether it failed
+    on any rank: a ValueError or OSError on one rank is raised on all of them, the failing
+    rank's own and a ValueError with its message on the others (rank 0 prints it, see main), so
+    that no rank waits for one that has stopped. Without torchrun: `step()`."""
+    error = None
+    try:
+        if step is not None:
+            step()
+    except (ValueError, OSError) as e:
+        error = e
+    failed = [m for m in distributed.gather_objects(None if error is None else one_line(error)) if m]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(failed[0])
+
+
+def all_or_none(value, error):
+    """A step of a checkpoint, done on every rank: `value` of every rank, or OSError on every rank
+    when it failed with `error` (an OSError) on any (its own on the failing rank, the first
+    failure's errno and message, naming the rank, on the others)."""
+    failure = None if error is None else (error.errno, error.strerror or str(error))
+    outcomes = distributed.gather_objects((value, failure))
+    if error is not None:
+        raise error
+    for rank, (_, failure) in enumerate(outcomes):
+        if failure is not None:
+            raise OSError(failure[0], f"rank {rank}: {failure[1]}")
+    return [v for v, _ in outcomes]
 
 
 def replay_latent(cfg):
@@ -754,7 +840,7 @@ def train(trainer):
     """The loop: collect → update → log → checkpoint, until total_steps or a stop signal."""
     cfg = trainer.cfg
     flag = StopFlag()
-    c, interrupted, failure, stop = trainer.counters, False, None, False
+    c, interrupted, failure, stop, ended = trainer.counters, False, None, False, False
     bar = tqdm(total=cfg.total_steps, initial=min(c["env_steps"], cfg.total_steps), unit="step",
                dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_main())
     try:
@@ -777,6 +863,7 @@ def train(trainer):
                 trainer.run_evaluation()
             if trainer.checkpoint_due(c["env_steps"]):
                 trainer.save_or_warn()
+        ended = True
     except KeyboardInterrupt:
         # A second signal may land inside an optimizer step: keep the last checkpoint instead.
         interrupted = True
@@ -785,7 +872,9 @@ def train(trainer):
     finally:
         bar.close()
         try:
-            if not interrupted and failure is None:
+            # After an error of its own a rank is out of step with the others (torchrun): it
+            # saves nothing, as the checkpoint is a step of every rank.
+            if not interrupted and failure is None and (ended or not distributed.active()):
                 trainer.save()
         except OSError as e:
             failure = f"could not write the final checkpoint at step {c['env_steps']} " \
@@ -795,8 +884,9 @@ def train(trainer):
     if interrupted:
         print("stopped without saving; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
-    if failure is not None:
-        print(f"error: {failure}", file=sys.stderr)
+    if failure is not None:  # the same on every rank: rank 0 says it
+        if distributed.is_main():
+            print(f"error: {failure}", file=sys.stderr)
         sys.exit(1)
     if distributed.is_main():
         print(f"done: {c['env_steps']} steps, {c['updates']} updates, {c['episodes']} episodes; "
@@ -852,7 +942,8 @@ def prepare(cfg, given=None):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")
         cfg.run_dir = cfg.run_dir or os.path.dirname(os.path.abspath(cfg.resume))
-        record = checkpoint.get("replay")
+        records = replay_records(checkpoint)
+        record = records[0] if distributed.world_size() <= len(records) else None  # it loads (sizes as every rank's)
         if cfg.save_replay and record and (cfg.num_envs, cfg.capacity // max(cfg.num_envs, 1)) != \
                 (record["num_envs"], record["length"]):
             raise ValueError(f"--resume {cfg.resume}: its replay was saved with --num_envs {saved['num_envs']} "
@@ -921,9 +1012,9 @@ def replay_disk_bytes(cfg):
 def warn_if_disk_too_small(cfg):
     """One warning when the free space where the run writes is clearly too small: a checkpoint is
     written next to the previous one before it replaces it, so two must fit, with the replay."""
-    need = 2 * checkpoint_bytes(cfg) + replay_disk_bytes(cfg)
+    need = 2 * checkpoint_bytes(cfg) + distributed.world_size() * replay_disk_bytes(cfg)  # a replay per rank
     free = shutil.disk_usage(nearest_existing(cfg.run_dir)).free
-    if free < need:
+    if free < need and distributed.is_main():
         warn(f"only {free / 2**30:.2f} GiB free where --run_dir {cfg.run_dir} writes; its "
              f"checkpoints{' and replay' if cfg.save_replay else ''} need about {need / 2**30:.2f} GiB")
 

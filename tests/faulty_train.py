@@ -9,6 +9,8 @@ Faults are chosen by environment variables, read only here:
 - FAULT_ENOSPC=2,4-: checkpoint writes number 2 and 4 onwards write half of the file, then fail
   with OSError(ENOSPC), as on a full disk.
 - FAULT_NAN_AFTER=N: every replayed batch after the N-th has NaN rewards.
+- FAULT_REPLAY_ENOSPC=R:N: the N-th checkpoint's replay write (ReplayStore.save) of rank R (its
+  RANK under torchrun, 0 otherwise) fails with OSError(ENOSPC) before it writes anything.
 """
 import errno
 import io
@@ -20,10 +22,10 @@ import numpy as np
 import torch
 
 import train
-from replay import Replay
+from replay import Replay, ReplayStore
 
-real_save, real_sample = torch.save, Replay.sample
-writes, samples = 0, 0
+real_save, real_sample, real_replay_save = torch.save, Replay.sample, ReplayStore.save
+writes, samples, replay_saves = 0, 0, 0
 
 
 def failing(spec, n):
@@ -62,10 +64,19 @@ def faulty_sample(self, *args, **kwargs):
     return batch
 
 
+def faulty_replay_save(self):
+    global replay_saves
+    replay_saves += 1
+    if os.environ.get("FAULT_REPLAY_ENOSPC") == f"{os.environ.get('RANK', '0')}:{replay_saves}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_replay_save(self)
+
+
 if __name__ == "__main__":
     # Speed only: the early updates of a tiny model on Catch's black frames are full of denormal
     # floats, which make the CPU about 3 times slower.
     torch.set_flush_denormal(True)
     torch.save = faulty_save
     Replay.sample = faulty_sample
+    ReplayStore.save = faulty_replay_save
     train.main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """Training on two CPU processes (gloo) with torchrun: the same weights on every rank, one
-distributed update equal to one update on the whole batch, rank 0 alone writing, resuming in one
-process and on two ranks, SIGTERM on one rank and a rank that fails."""
+distributed update equal to one update on the whole batch, rank 0 alone writing the run directory
+and every rank its replay, a replay write failing on one rank, resuming in one process and on two
+ranks (each with its own replay), SIGTERM on one rank and a rank that fails."""
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -17,6 +19,7 @@ import torch.multiprocessing as mp
 import distributed
 import model
 import train
+from replay import Replay, ReplayStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_size", "tiny", "--num_envs", "1", "--batch_size", "2", "--sequence_length", "8",
@@ -25,13 +28,15 @@ TINY = ["--model_size", "tiny", "--num_envs", "1", "--batch_size", "2", "--seque
         "--video_interval", "0", "--image_interval", "0"]
 
 
-def torchrun(*args, weights_dir=None, wait=True):
-    """`torchrun --standalone --nproc_per_node 2 train.py ARGS` (a Popen when not wait)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def torchrun(*args, weights_dir=None, wait=True, faults=None):
+    """`torchrun --standalone --nproc_per_node 2 train.py ARGS` (a Popen when not wait); with
+    `faults` (variables of tests/faulty_train.py) through the fault injector."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(faults or {}))
     if weights_dir is not None:
         env[distributed.WEIGHTS_DIR_VAR] = str(weights_dir)
+    script = ["-m", "tests.faulty_train"] if faults else ["train.py"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train.py", *args]
+           *script, *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -58,11 +63,31 @@ def test_without_torchrun_nothing_distributed_is_initialised(monkeypatch):
     assert distributed.gather(x) is x and distributed.rank_seed(7) == 7
 
 
+def rank_replays(run_dir, checkpoint, ranks=2):
+    """Each rank's replay of a checkpoint (TINY's sizes), loaded from its folder."""
+    replays = []
+    for rank, record in zip(range(ranks), checkpoint["replay_ranks"]):
+        replays.append(Replay(1000, 1, latent=train.replay_latent(train.Config(model_size="tiny"))))
+        ReplayStore(train.replay_dir(str(run_dir), rank), replays[-1]).load(record)
+    return replays
+
+
+def same_steps(a, b, steps):
+    """Whether two replays hold the same first `steps` steps (frames and fields; the latents are
+    refreshed by training). Rings that have not wrapped: step i is at index i."""
+    assert a.adds <= a.length and b.adds <= b.length and min(a.adds, b.adds) >= steps
+    return np.array_equal(a.obs[:, :steps], b.obs[:, :steps]) and \
+        all(np.array_equal(a.data[k][:, :steps], b.data[k][:, :steps]) for k in Replay.FIELDS)
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
+    # The checkpoint at step 32 fails: rank 1 cannot write its replay (disk full); the final one
+    # at step 64 is written.
     run_dir, weights = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("weights")
     result = torchrun("--env", "tests.catch:Catch-v0", *TINY, "--total_steps", "64",
-                      "--run_dir", str(run_dir), weights_dir=weights)
+                      "--checkpoint_interval", "32", "--run_dir", str(run_dir), weights_dir=weights,
+                      faults={"FAULT_REPLAY_ENOSPC": "1:1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, weights, result
 
@@ -86,7 +111,8 @@ def test_ranks_hold_identical_weights_after_updates(two_rank_run):
 
 def test_only_rank_0_writes_and_every_ranks_episodes_reach_the_log(two_rank_run):
     run_dir, _, result = two_rank_run
-    assert sorted(os.listdir(run_dir)) == [".lock", "checkpoint.pt", "metrics.jsonl"]  # rank 0's lock
+    # rank 0's lock; replay/ holds every rank's replay (below)
+    assert sorted(os.listdir(run_dir)) == [".lock", "checkpoint.pt", "metrics.jsonl", "replay"]
     assert result.stdout.count("done:") == 1
     rows = metrics(run_dir)
     episodes = [r["episode/count"] for r in rows if "episode/return" in r]
@@ -97,19 +123,78 @@ def test_only_rank_0_writes_and_every_ranks_episodes_reach_the_log(two_rank_run)
     assert trained == sorted(set(trained)) and trained[-1] == 64
 
 
-def test_distributed_checkpoint_resumes_in_one_process(two_rank_run, tmp_path):
+def test_every_rank_keeps_its_replay_named_in_the_checkpoint(two_rank_run):
+    run_dir = two_rank_run[0]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    records = ckpt["replay_ranks"]
+    assert len(records) == 2 and ckpt["replay"] == records[0]  # where one process looks
+    # 32 steps per rank, all in the open tail (a chunk is 1000 steps of the one env); the files
+    # of the failed checkpoint at step 32 are gone.
+    assert [r["adds"] for r in records] == [32, 32]
+    assert sorted(os.listdir(run_dir / "replay")) == sorted(["rank_1", records[0]["tail"], records[0]["latents"]])
+    assert sorted(os.listdir(run_dir / "replay" / "rank_1")) == sorted([records[1]["tail"], records[1]["latents"]])
+    rank0, rank1 = rank_replays(run_dir, ckpt)
+    assert not same_steps(rank0, rank1, 32)  # the ranks' envs are seeded apart
+
+
+def test_a_replay_write_failing_on_one_rank_skips_that_checkpoint_on_every_rank(two_rank_run):
+    stderr = two_rank_run[2].stderr
+    warnings = [line for line in stderr.splitlines() if "could not write" in line]
+    assert warnings == ["warning: could not write the checkpoint at step 32 (rank 1: No space left on "
+                        "device); no checkpoint yet; training continues and retries in 32 steps"], stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("step", [1, 2])  # another rank's replay write fails; rank 0's checkpoint write fails
+def test_no_replay_files_are_deleted_when_a_rank_could_not_save(tmp_path, monkeypatch, step):
+    """One process that the gathered outcomes tell about another rank's failure at the given
+    step of a save: it raises OSError naming that rank and keeps the previous checkpoint's files."""
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="tiny", num_envs=1, capacity=100,
+                       learning_starts=10**6, wandb_mode="disabled", video_interval=0, image_interval=0,
+                       device="cpu", run_dir=str(tmp_path))
+    trainer = train.Trainer(cfg, train.prepare(cfg))
+    try:
+        for _ in range(3):
+            trainer.step()
+        trainer.save()
+        kept = (tmp_path / "replay" / "tail_000000000003.npz").read_bytes()
+        for _ in range(3):
+            trainer.step()
+        calls, real = [], distributed.gather_objects
+
+        def gather_objects(obj):
+            calls.append(obj)
+            other = (None, (28, "No space left on device")) if len(calls) == step else (None, None)
+            return [*real(obj), other] if step == 1 else [other, *real(obj)]
+
+        monkeypatch.setattr(distributed, "gather_objects", gather_objects)
+        with pytest.raises(OSError, match=f"rank {2 - step}: No space left on device"):
+            trainer.save()
+        assert len(calls) == step and trainer.saved_step == 3
+        assert (tmp_path / "replay" / "tail_000000000003.npz").read_bytes() == kept
+        assert (tmp_path / "replay" / "tail_000000000006.npz").exists()  # written, not yet named
+    finally:
+        trainer.close()
+
+
+def test_distributed_checkpoint_resumes_in_one_process_with_rank_0s_replay(two_rank_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_rank_run[0], run_dir)
     path = str(run_dir / "checkpoint.pt")
+    before = torch.load(path, weights_only=False)
     result = subprocess.run([sys.executable, "train.py", "--resume", path, "--total_steps", "96"],
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "replay was saved by 2 ranks; this run of 1 loads rank 0's" in result.stderr
     after = torch.load(path, weights_only=False)
-    # One process with one env: 32 more agent steps; after refilling 16 (learning_starts), 17
-    # steps earn half an update each: 8 whole updates.
+    # One process with one env: 32 more agent steps, each earning half an update, with rank 0's
+    # replay from the start (no refill): 16 updates.
     assert after["counters"]["env_steps"] == 96
-    assert after["counters"]["updates"] == 12 + 8
+    assert after["counters"]["updates"] == 12 + 16
+    assert len(after["replay_ranks"]) == 1 and after["replay"]["adds"] == 32 + 32
+    (resumed,), (saved, _) = rank_replays(run_dir, after, 1), rank_replays(two_rank_run[0], before)
+    assert same_steps(resumed, saved, 32)
 
 
 def _free_port():
@@ -225,6 +310,13 @@ def test_two_rank_resume_then_sigterm_on_one_rank_stops_both_with_one_checkpoint
     assert after["wandb_id"] == before["wandb_id"] and after["config"]["num_envs"] == 1
     rank0, rank1 = rank_weights(weights)
     assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(rank0[k], after["agent"][k]) for k in rank0)
+    # Every rank went on with its own replay: the first log after the resume counts the 32 steps
+    # of each rank's replay (no refill), and each rank's replay saved at the end starts with the
+    # steps that rank had saved.
+    first = next(r for r in metrics(run_dir) if r["step"] > 64 and "replay/size" in r)
+    assert first["step"] == 80 and first["replay/size"] == 2 * (32 + 8)
+    saved, resumed = rank_replays(two_rank_run[0], before), rank_replays(run_dir, after)
+    assert all(same_steps(s, r, 32) for s, r in zip(saved, resumed))
 
 
 def test_a_failing_rank_ends_the_job_with_one_error_line(tmp_path):
