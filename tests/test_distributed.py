@@ -141,7 +141,8 @@ def test_a_replay_write_failing_on_one_rank_skips_that_checkpoint_on_every_rank(
     stderr = two_rank_run[2].stderr
     warnings = [line for line in stderr.splitlines() if "could not write" in line]
     assert warnings == ["warning: could not write the checkpoint at step 32 (rank 1: No space left on "
-                        "device); no checkpoint yet; training continues and retries in 32 steps"], stderr[-3000:]
+                        "device); no checkpoint was written; training continues and retries in 32 "
+                        "steps"], stderr[-3000:]
     assert "Traceback" not in stderr
 
 
@@ -257,7 +258,9 @@ def test_half_batches_on_two_ranks_equal_one_update_on_the_whole_batch(tmp_path,
     (grads0, state0), (grads1, state1) = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert grads0.keys() == grads.keys() and state0.keys() == state.keys()
     # The mean over ranks is the whole batch's gradient, to float rounding (sums in another
-    # order): within 1e-4 of each tensor's largest entry. (The weights after the step are not
+    # order): within 1e-3 of each tensor's largest entry (rounding reaches 2e-4 where biases
+    # before a norm make gradient terms cancel; a sum instead of a mean, or a missing
+    # all-reduce, is off by tens of percent). (The weights after the step are not
     # compared with the one-process ones: LaProp's first step is about lr·sign(gradient), so an
     # entry whose gradient is rounding noise may step either way.)
     for name in grads:
@@ -271,7 +274,7 @@ def test_half_batches_on_two_ranks_equal_one_update_on_the_whole_batch(tmp_path,
     assert all(torch.equal(state0[name], state1[name]) for name in state)
 
 
-def close(a, b, tol=1e-4):
+def close(a, b, tol=1e-3):
     return float((a - b).abs().max()) <= tol * float(b.abs().max()) + 1e-7
 
 

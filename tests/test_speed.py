@@ -116,7 +116,12 @@ def test_compiled_update_matches_eager_on_cpu(monkeypatch):
     (eager_metrics, eager_params), (comp_metrics, comp_params) = results
     for m_eager, m_comp in zip(eager_metrics, comp_metrics):
         assert_close(m_eager, m_comp, rtol=1e-3)
-    assert_close(eager_params, comp_params, rtol=1e-4)
+    # What the three steps moved agrees within 1% of the move: a bias before a norm gets a
+    # gradient whose terms nearly cancel, so rounding (fused kernels sum in another order) is a
+    # larger share of it than of the weights' (where 1e-4 of the parameters held before biases).
+    init = {n: p.detach().clone() for n, p in tiny_agent(warmup=1, imagination_horizon=2)[0].named_parameters()}
+    assert_close({n: p - init[n] for n, p in comp_params.items()},
+                 {n: p - init[n] for n, p in eager_params.items()}, rtol=1e-2)
 
 
 def test_phase_timer_counts_nested_phases_once():
