@@ -48,69 +48,75 @@ def random_return(env_id, num_actions, episodes=200):
                     policy=lambda obs, is_first: rng.integers(0, num_actions, len(obs))).mean
 
 
-@pytest.mark.slow
-def test_agent_learns_catch_far_better_than_random(tmp_path):
-    agent = train_tiny(CATCH, 2400, 3, tmp_path)
-    random_play, trained = random_return(CATCH, 3), evaluate(agent, CATCH, 100, seed=2).mean
-    # Return = 2·catch rate − 1: random catches about 20%, the trained agent at least 80%.
-    print(f"catch: trained {trained:.2f}, random {random_play:.2f}")
-    assert random_play < -0.3
-    assert trained >= 0.6
-    assert trained - random_play >= 1.0
-
+# One class per learning test: under `pytest -n 2 --dist loadscope` each class is a unit of work,
+# so the three run on the two workers side by side instead of one after another.
 
 @pytest.mark.slow
-def test_agent_learns_rhythm_which_needs_the_is_first_reset(tmp_path):
-    """Rhythm can only be won by an agent whose state restarts at every episode's first step:
-    the screen never changes. A perfect agent earns 3.5 per episode on average; an agent that
-    cannot tell where episodes begin earns about 0.5 at best, random play about 0."""
-    agent = train_tiny(RHYTHM, 1200, 2, tmp_path)
-    random_play, trained = random_return(RHYTHM, 2), evaluate(agent, RHYTHM, 100, seed=2).mean
-    print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
-    assert abs(random_play) < 0.5
-    assert trained >= 2.5
-    assert trained - random_play >= 2.0
+class TestCatch:
+    def test_agent_learns_catch_far_better_than_random(self, tmp_path):
+        agent = train_tiny(CATCH, 2400, 3, tmp_path)
+        random_play, trained = random_return(CATCH, 3), evaluate(agent, CATCH, 100, seed=2).mean
+        # Return = 2·catch rate − 1: random catches about 20%, the trained agent at least 80%.
+        print(f"catch: trained {trained:.2f}, random {random_play:.2f}")
+        assert random_play < -0.3
+        assert trained >= 0.6
+        assert trained - random_play >= 1.0
 
 
 @pytest.mark.slow
-def test_world_model_learns_real_pong_frames():
-    """Reconstruction of random-play Pong frames must fall far below its start and below the
-    loss of predicting the mean frame (which already gets the static background right)."""
-    torch.manual_seed(0)
-    envs = make_vector_env("ALE/Pong-v5", 2)
-    replay, rng = Replay(1000, 2, seed=0), np.random.default_rng(0)
-    try:
-        collector = Collector(envs, seed=0)
-        for _ in range(200):  # 400 frames
-            collector.step(lambda obs, is_first: rng.integers(0, 6, 2), replay.add)
-    finally:
-        envs.close()
-    frames = replay.obs[:, :replay.filled].reshape(-1, 64, 64, 3).astype(np.float64) / 255
-    mean_frame_loss = ((frames - frames.mean(0)) ** 2).sum((1, 2, 3)).mean()
+class TestRhythm:
+    def test_agent_learns_rhythm_which_needs_the_is_first_reset(self, tmp_path):
+        """Rhythm can only be won by an agent whose state restarts at every episode's first step:
+        the screen never changes. A perfect agent earns 3.5 per episode on average; an agent that
+        cannot tell where episodes begin earns about 0.5 at best, random play about 0."""
+        agent = train_tiny(RHYTHM, 1200, 2, tmp_path)
+        random_play, trained = random_return(RHYTHM, 2), evaluate(agent, RHYTHM, 100, seed=2).mean
+        print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
+        assert abs(random_play) < 0.5
+        assert trained >= 2.5
+        assert trained - random_play >= 2.0
 
-    agent, _ = train.build_agent(train.Config(env=CATCH, model_size="tiny"), 6, torch.device("cpu"))
-    opt = LaProp(list(agent.world_model_parameters()), lr=1e-3, warmup=20)
-    scales = agent.loss_scales
 
-    def losses(batch):
-        b = {k: torch.as_tensor(v) for k, v in batch.items()}
-        return agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
-                                      b["is_terminal"])[0]
+@pytest.mark.slow
+class TestPongWorldModel:
+    def test_world_model_learns_real_pong_frames(self):
+        """Reconstruction of random-play Pong frames must fall far below its start and below the
+        loss of predicting the mean frame (which already gets the static background right)."""
+        torch.manual_seed(0)
+        envs = make_vector_env("ALE/Pong-v5", 2)
+        replay, rng = Replay(1000, 2, seed=0), np.random.default_rng(0)
+        try:
+            collector = Collector(envs, seed=0)
+            for _ in range(200):  # 400 frames
+                collector.step(lambda obs, is_first: rng.integers(0, 6, 2), replay.add)
+        finally:
+            envs.close()
+        frames = replay.obs[:, :replay.filled].reshape(-1, 64, 64, 3).astype(np.float64) / 255
+        mean_frame_loss = ((frames - frames.mean(0)) ** 2).sum((1, 2, 3)).mean()
 
-    def rec_loss():  # over the first 192 stored steps of each env, in windows of 16
-        window = {k: v[:, :192].reshape(24, 16, *v.shape[2:])
-                  for k, v in dict(obs=replay.obs, **replay.data).items()}
-        window["is_first"][:, 0] = True
-        with torch.no_grad():
-            return losses(window)["rec"].mean().item()
+        agent, _ = train.build_agent(train.Config(env=CATCH, model_size="tiny"), 6, torch.device("cpu"))
+        opt = LaProp(list(agent.world_model_parameters()), lr=1e-3, warmup=20)
+        scales = agent.loss_scales
 
-    start = rec_loss()
-    for _ in range(UPDATES_PONG):
-        loss = sum(scales[k] * v.mean() for k, v in losses(replay.sample(8, 16)).items())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    end = rec_loss()
-    print(f"pong reconstruction: start {start:.1f}, end {end:.2f}, mean frame {mean_frame_loss:.2f}")
-    assert end < start / 100
-    assert end < 0.9 * mean_frame_loss
+        def losses(batch):
+            b = {k: torch.as_tensor(v) for k, v in batch.items()}
+            return agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+                                          b["is_terminal"])[0]
+
+        def rec_loss():  # over the first 192 stored steps of each env, in windows of 16
+            window = {k: v[:, :192].reshape(24, 16, *v.shape[2:])
+                      for k, v in dict(obs=replay.obs, **replay.data).items()}
+            window["is_first"][:, 0] = True
+            with torch.no_grad():
+                return losses(window)["rec"].mean().item()
+
+        start = rec_loss()
+        for _ in range(UPDATES_PONG):
+            loss = sum(scales[k] * v.mean() for k, v in losses(replay.sample(8, 16)).items())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        end = rec_loss()
+        print(f"pong reconstruction: start {start:.1f}, end {end:.2f}, mean frame {mean_frame_loss:.2f}")
+        assert end < start / 100
+        assert end < 0.9 * mean_frame_loss
