@@ -162,8 +162,7 @@ class ReplayStore:
     def __init__(self, directory, replay, chunk_steps=None, exact_latents_bytes=None):
         self.dir, self.replay = directory, replay
         chunk_steps = chunk_steps or CHUNK_STEPS
-        limit = EXACT_LATENTS_BYTES if exact_latents_bytes is None else exact_latents_bytes
-        self.exact = replay.context and ring_latent_bytes(replay) <= limit
+        self.exact = replay.context and saves_ring_latents(ring_latent_bytes(replay), exact_latents_bytes)
         self.chunk = max(1, min(chunk_steps // replay.num_envs, replay.length))
         self.unwritten = []  # full chunks whose write failed (disk full): retried by `save`
         os.makedirs(directory, exist_ok=True)
@@ -268,6 +267,12 @@ class ReplayStore:
         """Bytes under the folder, with its subfolders (rank 0's holds the other ranks' replays)."""
         return sum(os.path.getsize(os.path.join(folder, name))
                    for folder, _, names in os.walk(self.dir) for name in names)
+
+
+def saves_ring_latents(nbytes, limit=None):
+    """Whether a checkpoint rewrites ring latents of `nbytes` (then a resume is exact): up to
+    `limit`, by default EXACT_LATENTS_BYTES."""
+    return nbytes <= (EXACT_LATENTS_BYTES if limit is None else limit)
 
 
 def ring_latent_bytes(replay):

@@ -671,10 +671,12 @@ def replay_records(checkpoint):
     return checkpoint.get("replay_ranks") or [checkpoint.get("replay")]
 
 
-def one_line(error):
-    """A ValueError's or OSError's message, as main prints it."""
+def one_line(error, path=None):
+    """A ValueError's or OSError's message, as main prints it after "error: ". An OSError names its
+    file, or `path` (the folder it was working on) when it names none."""
     if isinstance(error, OSError):
-        return f"{f'{error.filename}: ' if error.filename else ''}{error.strerror or error}"
+        where = error.filename or path
+        return f"{f'{where}: ' if where else ''}{error.strerror or error}"
     return str(error)
 
 
@@ -1006,7 +1008,7 @@ def replay_disk_bytes(cfg):
     latent = replay_latent(cfg)
     steps = Replay.step_bytes(latent=latent) * (cfg.capacity + cfg.checkpoint_interval + CHUNK_STEPS)
     ring_latents = cfg.capacity * (Replay.step_bytes(latent=latent) - Replay.step_bytes())
-    return steps + (2 * ring_latents if ring_latents <= replay.EXACT_LATENTS_BYTES else 0)
+    return steps + (2 * ring_latents if replay.saves_ring_latents(ring_latents) else 0)
 
 
 def warn_if_disk_too_small(cfg):
@@ -1036,7 +1038,7 @@ def main(argv=None):
         sys.exit(2)
     except OSError as e:  # a path that passed the checks and failed anyway (a race, a full disk)
         if distributed.is_main():
-            print(f"error: {e.filename or cfg.run_dir}: {e.strerror or e}", file=sys.stderr)
+            print(f"error: {one_line(e, cfg.run_dir)}", file=sys.stderr)
         sys.exit(2)
     try:
         train(trainer)

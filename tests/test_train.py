@@ -262,6 +262,16 @@ def test_run_dir_that_cannot_be_made_is_one_line_error(tmp_path, case):
     assert (tmp_path / "afile").read_text() == "x"  # the user's file is left alone
 
 
+def test_one_line_names_the_file_or_else_the_run_dir():
+    """How main and every torchrun rank print an error that got past the start-up checks."""
+    full = OSError(28, "No space left on device")
+    assert train.one_line(full, "runs/pong") == "runs/pong: No space left on device"
+    assert train.one_line(full) == "No space left on device"
+    denied = PermissionError(13, "Permission denied", "runs/pong/checkpoint.pt")
+    assert train.one_line(denied, "runs/pong") == "runs/pong/checkpoint.pt: Permission denied"
+    assert train.one_line(ValueError("--num_envs must be positive"), "runs/pong") == "--num_envs must be positive"
+
+
 @contextlib.contextmanager
 def unwritable_dir(path):
     """A directory nobody may write in: mode 555, and for root (who ignores modes) immutable."""
