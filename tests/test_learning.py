@@ -48,34 +48,10 @@ def random_return(env_id, num_actions, episodes=200):
                     policy=lambda obs, is_first: rng.integers(0, num_actions, len(obs))).mean
 
 
-# One class per learning test: under `pytest -n 2 --dist loadscope` each class is a unit of work,
-# so the three run on the two workers side by side instead of one after another.
-
-@pytest.mark.slow
-class TestCatch:
-    def test_agent_learns_catch_far_better_than_random(self, tmp_path):
-        agent = train_tiny(CATCH, 2400, 3, tmp_path)
-        random_play, trained = random_return(CATCH, 3), evaluate(agent, CATCH, 100, seed=2).mean
-        # Return = 2·catch rate − 1: random catches about 20%, the trained agent at least 80%.
-        print(f"catch: trained {trained:.2f}, random {random_play:.2f}")
-        assert random_play < -0.3
-        assert trained >= 0.6
-        assert trained - random_play >= 1.0
-
-
-@pytest.mark.slow
-class TestRhythm:
-    def test_agent_learns_rhythm_which_needs_the_is_first_reset(self, tmp_path):
-        """Rhythm can only be won by an agent whose state restarts at every episode's first step:
-        the screen never changes. A perfect agent earns 3.5 per episode on average; an agent that
-        cannot tell where episodes begin earns about 0.5 at best, random play about 0."""
-        agent = train_tiny(RHYTHM, 1200, 2, tmp_path)
-        random_play, trained = random_return(RHYTHM, 2), evaluate(agent, RHYTHM, 100, seed=2).mean
-        print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
-        assert abs(random_play) < 0.5
-        assert trained >= 2.5
-        assert trained - random_play >= 2.0
-
+# Under `pytest -n 2 --dist loadscope` every class is a unit of work that one worker runs, and the
+# units are handed out in file order (tests/conftest.py): the Pong world model (about 7 minutes
+# on one thread) first, then Catch and Rhythm together, so that both workers start with a learning
+# test and take the short tests afterwards.
 
 @pytest.mark.slow
 class TestPongWorldModel:
@@ -120,3 +96,29 @@ class TestPongWorldModel:
         print(f"pong reconstruction: start {start:.1f}, end {end:.2f}, mean frame {mean_frame_loss:.2f}")
         assert end < start / 100
         assert end < 0.9 * mean_frame_loss
+
+
+@pytest.mark.slow
+class TestPolicyLearning:
+    """Catch (about 6 minutes on one thread) and Rhythm (about 3): one unit of work, so that under
+    xdist they run one after the other on one worker while the Pong world model runs on the other."""
+
+    def test_agent_learns_catch_far_better_than_random(self, tmp_path):
+        agent = train_tiny(CATCH, 2400, 3, tmp_path)
+        random_play, trained = random_return(CATCH, 3), evaluate(agent, CATCH, 100, seed=2).mean
+        # Return = 2·catch rate − 1: random catches about 20%, the trained agent at least 80%.
+        print(f"catch: trained {trained:.2f}, random {random_play:.2f}")
+        assert random_play < -0.3
+        assert trained >= 0.6
+        assert trained - random_play >= 1.0
+
+    def test_agent_learns_rhythm_which_needs_the_is_first_reset(self, tmp_path):
+        """Rhythm can only be won by an agent whose state restarts at every episode's first step:
+        the screen never changes. A perfect agent earns 3.5 per episode on average; an agent that
+        cannot tell where episodes begin earns about 0.5 at best, random play about 0."""
+        agent = train_tiny(RHYTHM, 1200, 2, tmp_path)
+        random_play, trained = random_return(RHYTHM, 2), evaluate(agent, RHYTHM, 100, seed=2).mean
+        print(f"rhythm: trained {trained:.2f}, random {random_play:.2f}")
+        assert abs(random_play) < 0.5
+        assert trained >= 2.5
+        assert trained - random_play >= 2.0
