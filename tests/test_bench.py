@@ -71,6 +71,18 @@ def test_env_speed_with_policy():
     assert r["env_steps_per_sec"] > 0
 
 
+def test_loop_speed_times_both_orders_of_the_same_loop():
+    # 2 envs × train ratio 16 / (2 × 8 replayed steps) = 2 updates per loop iteration.
+    r = run_bench("loop_speed.py", "--env", "tests.catch:Catch-v0", "--num_envs", "2",
+                  "--train_ratio", "16", "--batch_size", "2", "--sequence_length", "8",
+                  "--learning_starts", "16", "--block", "3", "--blocks", "1", "--threads", "1")
+    for order in ("overlap", "plain"):
+        assert r[order]["agent_steps"] == 2 * 3 and r[order]["updates"] == 2 * 3
+        assert r[order]["agent_steps_per_sec"] == pytest.approx(6 / r[order]["seconds"], rel=1e-2)
+    assert r["speedup"] == pytest.approx(r["overlap"]["agent_steps_per_sec"] / r["plain"]["agent_steps_per_sec"],
+                                         rel=1e-2)
+
+
 def test_replay_memory():
     r = run_bench("replay_memory.py", "--capacity", "2000", "--num_envs", "2")
     assert r["nominal_bytes"] == 2000 * 12288
