@@ -29,6 +29,7 @@ from model import AgentPolicy, Dreamer, LaProp, openloop
 from replay import CHUNK_STEPS, Replay, ReplayStore
 from utils import (
     Logger,
+    keep_freed_memory,
     load_checkpoint,
     lock_run_dir,
     panels,
@@ -287,6 +288,17 @@ class RunError(RuntimeError):
     """A fault the run cannot go on from; the last checkpoint written is kept as it is."""
 
 
+def set_up_device(device):
+    """Process-wide settings for training on `device` (the Trainer's, and the benchmarks')."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        return
+    # Early updates of a small model make many denormal floats, each of which costs the CPU
+    # dozens of cycles (a tiny Catch run took 3.6x the time); GPUs and XLA flush them.
+    torch.set_flush_denormal(True)
+    keep_freed_memory()  # large activations reuse freed memory instead of fresh pages
+
+
 class Trainer:
     """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
 
@@ -298,12 +310,7 @@ class Trainer:
         self.device = distributed.rank_device(pick_device(cfg.device))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=cfg.precision == "bf16" and self.device.type == "cuda")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        else:
-            # Early updates of a small model make many denormal floats, each of which costs the
-            # CPU dozens of cycles (a tiny Catch run took 3.6x the time); GPUs and XLA flush them.
-            torch.set_flush_denormal(True)
+        set_up_device(self.device)
         seed = distributed.rank_seed(cfg.seed)
         seed_everything(seed)
         self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=seed)

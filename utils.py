@@ -1,6 +1,7 @@
 """Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O and
 the run directory's lock."""
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -18,6 +19,25 @@ def warn(message):
     # tqdm.write puts the line above the progress bar instead of in the middle of it.
     tqdm.write(f"warning: {message}", file=sys.stderr)
     sys.stderr.flush()
+
+
+def keep_freed_memory():
+    """Make glibc's malloc serve large blocks from its heap and keep what is freed there, for the
+    rest of the process. Returns whether it could (Linux with glibc).
+
+    By default glibc gives every block above 32 MB a fresh mmap and unmaps it when it is freed.
+    A B16 × T64 update on the CPU allocates dozens of such blocks (the (1024, C, 32, 32)
+    activations of the encoder and decoder: 67 MB each for tiny), so every update had the
+    kernel zero and map their pages anew: a tiny update took 2.14 s instead of 1.28 s, a 12m one
+    7.7 s instead of 5.9 s. The price: freed memory stays with the process (its peak resident
+    memory was 12 % (tiny) to 24 % (12m) higher).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

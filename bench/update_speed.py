@@ -91,6 +91,7 @@ def main(argv=None):
         threads = common.set_threads(args.threads)
         train.seed_everything(args.seed)
         device = train.pick_device(args.device)
+        train.set_up_device(device)  # as the Trainer does (on the CPU: flush denormals, keep freed memory)
         precision = args.precision
         cfg = train.Config(env="ALE/Pong-v5", model_size=args.model_size, batch_size=args.batch_size,
                            sequence_length=args.sequence_length, imagination_horizon=args.horizon)

@@ -7,6 +7,7 @@ import sys
 import time
 import types
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -152,3 +153,33 @@ def test_log_lines_hold_seconds_per_phase(tmp_path):
         assert set(phases) >= {"time/env", "time/act", "time/replay", "time/update", "time/logging"}, r
         assert all(v >= 0 for v in phases.values())
     assert "upd_s=" in proc.stderr
+
+
+FAULTS_OF_A_REALLOCATION = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from utils import keep_freed_memory
+
+def faults_of_second_allocation():
+    x = torch.ones(2**24)  # 64 MB, above glibc's largest mmap threshold (32 MB)
+    del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(2**24)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults_of_second_allocation()
+kept = keep_freed_memory()
+print(default, kept, faults_of_second_allocation())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_lets_a_large_block_be_reused_without_page_faults():
+    """By default every 64 MB block is a fresh mmap whose 16,384 pages fault in one by one; after
+    keep_freed_memory (the Trainer's setting on the CPU) a freed block is reused as it is."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION.format(root=ROOT)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    default, kept, after = int(out[0]), out[1] == "True", int(out[2])
+    assert kept
+    assert default > 10_000
+    assert after < 1_000
