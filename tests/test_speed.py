@@ -155,31 +155,36 @@ def test_log_lines_hold_seconds_per_phase(tmp_path):
     assert "upd_s=" in proc.stderr
 
 
-FAULTS_OF_A_REALLOCATION = """
+FAULTS_OF_REALLOCATIONS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
 from utils import keep_freed_memory
 
-def faults_of_second_allocation():
-    x = torch.ones(2**24)  # 64 MB, above glibc's largest mmap threshold (32 MB)
-    del x
+def faults_of_reallocations(n=10):
+    for _ in range(3):  # the heap grows to what the loop needs
+        x = torch.ones(2**24)  # 64 MB, above glibc's largest mmap threshold (32 MB)
+        del x
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(2**24)
+    for _ in range(n):
+        x = torch.ones(2**24)
+        del x
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-default = faults_of_second_allocation()
+default = faults_of_reallocations()
 kept = keep_freed_memory()
-print(default, kept, faults_of_second_allocation())
+print(default, kept, faults_of_reallocations())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_keep_freed_memory_lets_a_large_block_be_reused_without_page_faults():
+def test_keep_freed_memory_lets_large_blocks_be_reused_without_page_faults():
     """By default every 64 MB block is a fresh mmap whose 16,384 pages fault in one by one; after
-    keep_freed_memory (the Trainer's setting on the CPU) a freed block is reused as it is."""
-    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION.format(root=ROOT)],
+    keep_freed_memory (the Trainer's setting on the CPU) freed blocks are mostly reused as they are."""
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_REALLOCATIONS.format(root=ROOT)],
                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
     default, kept, after = int(out[0]), out[1] == "True", int(out[2])
     assert kept
-    assert default > 10_000
-    assert after < 1_000
+    assert default > 10 * 16_000  # every one of the 10 allocations faults in all its pages
+    # Most are reused (small allocations in between can split a freed block, so some still grow
+    # the heap: 2 or 3 of the 10 here).
+    assert after < default / 2
