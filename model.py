@@ -430,6 +430,11 @@ class RSSM(nn.Module):
         (B, T, S, C)."""
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
+        if torch.is_grad_enabled() and not (deter.requires_grad or stoch.requires_grad):
+            # A start state that is data (zeros or replayed latents) becomes a leaf that requires
+            # grad (its gradient is computed and dropped): every step's inputs then require grad,
+            # as from the second step on, so that a compiled step (--compile) is traced once.
+            deter, stoch = deter.detach().requires_grad_(), stoch.detach().requires_grad_()
         # Everything that does not depend on the recurrent state, for all T steps at once.
         keep = (1.0 - is_first.to(deter.dtype)).unsqueeze(-1)  # (B, T, 1)
         weights = self.step_weights()

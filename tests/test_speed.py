@@ -112,7 +112,10 @@ def test_compiled_update_matches_eager_on_cpu(monkeypatch):
         if compiled:
             train.compile_agent(agent, opt)
         torch.manual_seed(3)
-        metrics = [train.train_step(agent, opt, batch)[0] for _ in range(3)]
+        # Every compiled piece is traced once: the step functions see the same shapes and
+        # requires_grad at every step of their loops (the observe loop's start state included).
+        with torch._dynamo.config.patch(error_on_recompile=compiled):
+            metrics = [train.train_step(agent, opt, batch)[0] for _ in range(3)]
         results.append((metrics, {n: p.detach().clone() for n, p in agent.named_parameters()}))
     (eager_metrics, eager_params), (comp_metrics, comp_params) = results
     for m_eager, m_comp in zip(eager_metrics, comp_metrics):
