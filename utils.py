@@ -1,5 +1,5 @@
-"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O and
-the run directory's lock."""
+"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O, the
+run directory's lock, and the CPU allocator setting (`keep_freed_memory`)."""
 import contextlib
 import ctypes
 import fcntl

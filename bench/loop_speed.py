@@ -43,20 +43,20 @@ def main(argv=None):
                            capacity=max(args.learning_starts * 4, 10_000), run_dir=run_dir,
                            wandb_mode="disabled", video_interval=0, image_interval=0, device="cpu")
         trainer = train.Trainer(cfg, train.prepare(cfg))
-        seconds, steps, updates = {True: 0.0, False: 0.0}, {True: 0, False: 0}, {True: 0, False: 0}
+        totals = {overlap: dict(agent_steps=0, updates=0, seconds=0.0) for overlap in (True, False)}
         try:
             while trainer.counters["env_steps"] < args.learning_starts:
                 trainer.step()
             trainer.step()  # the first update (one-time allocations) is not timed
             for _ in range(args.blocks):
                 for overlap in (True, False):
-                    c = dict(trainer.counters)
+                    c, t = dict(trainer.counters), totals[overlap]
                     start = time.perf_counter()
                     for _ in range(args.block):
                         trainer.step(overlap)
-                    seconds[overlap] += time.perf_counter() - start
-                    steps[overlap] += trainer.counters["env_steps"] - c["env_steps"]
-                    updates[overlap] += trainer.counters["updates"] - c["updates"]
+                    t["seconds"] += time.perf_counter() - start
+                    t["agent_steps"] += trainer.counters["env_steps"] - c["env_steps"]
+                    t["updates"] += trainer.counters["updates"] - c["updates"]
         finally:
             trainer.close()
 
@@ -64,8 +64,9 @@ def main(argv=None):
                train_ratio=args.train_ratio, batch=[args.batch_size, args.sequence_length],
                threads=threads, torch=torch.__version__)
     for overlap, name in ((True, "overlap"), (False, "plain")):
-        row[name] = dict(agent_steps=steps[overlap], updates=updates[overlap], seconds=round(seconds[overlap], 3),
-                         agent_steps_per_sec=round(steps[overlap] / seconds[overlap], 2))
+        t = totals[overlap]
+        row[name] = dict(t, seconds=round(t["seconds"], 3),
+                         agent_steps_per_sec=round(t["agent_steps"] / t["seconds"], 2))
     row["speedup"] = round(row["overlap"]["agent_steps_per_sec"] / row["plain"]["agent_steps_per_sec"], 3)
     common.emit(row)
 
