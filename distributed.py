@@ -149,20 +149,23 @@ def synchronise(agent):
     agent.retnorm.gather = gather
 
 
-def average_gradients(params):
-    """Replace each gradient by its mean over the ranks (one all-reduce of all of them, flat).
+def average_gradients(params, finite):
+    """Replace each gradient by its mean over the ranks (one all-reduce of all of them, flat), and
+    return whether the bool tensor `finite` holds on every rank (carried in the same all-reduce).
 
     The losses are means over a rank's batch, so the mean of the ranks' gradients is the gradient
-    of the mean loss over the job's whole batch (ranks × --batch_size sequences).
+    of the mean loss over the job's whole batch (ranks × --batch_size sequences). Without
+    torchrun: `finite`, and the gradients as they are.
     """
     if not active():
-        return
+        return finite
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    # The last entry counts the ranks whose loss was not finite (a sum is exact in float).
+    flat = torch.cat([*(g.reshape(-1) for g in grads), (~finite).to(grads[0].dtype).reshape(1)])
     _collective(dist.all_reduce, flat)
-    flat /= world_size()
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
+    failed, flat = flat[-1], flat[:-1].div_(world_size())
+    torch._foreach_copy_(grads, [mean.view_as(g) for g, mean in zip(grads, flat.split([g.numel() for g in grads]))])
+    return failed == 0
 
 
 def sync_step(finished, stop, num_envs):

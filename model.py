@@ -9,6 +9,7 @@ import copy
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,6 +145,9 @@ class Normalize(nn.Module):
         # EMAs of the two percentiles.
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
+        # The percentiles' positions, as a buffer on the model's device: a tensor built from
+        # Python numbers inside update() would be a blocking host-to-device copy every update.
+        self.register_buffer("quantiles", torch.tensor([self.qlo, self.qhi]), persistent=False)
         # Under torchrun, a function giving x of every rank, (N,) → (ranks·N,), so that all ranks
         # take the same percentiles (set by distributed.synchronise).
         self.gather = None
@@ -153,7 +157,7 @@ class Normalize(nn.Module):
         x = x.detach().float().flatten()
         if self.gather is not None:
             x = self.gather(x)
-        quant = torch.quantile(x, torch.tensor([self.qlo, self.qhi], device=x.device))
+        quant = torch.quantile(x, self.quantiles)
         self.lo.lerp_(quant[0], self.rate)
         self.hi.lerp_(quant[1], self.rate)
 
@@ -539,9 +543,11 @@ class Dreamer(nn.Module):
         deter, stoch, prev_action = state
         deter, stoch, _ = self.rssm.obs_step(deter, stoch, prev_action, self.encoder(obs), is_first)
         logp = self.policy_logprobs(self.rssm.feat(deter, stoch))
-        action = logp.argmax(-1) if greedy else torch.distributions.Categorical(logits=logp).sample()
-        onehot = F.one_hot(action, self.num_actions).to(deter.dtype)
-        return action, (deter, stoch, onehot)
+        # Without argument validation: it checks the logits on the host, a sync per env step.
+        # The draw (torch.multinomial) is the same as with it.
+        sample = torch.distributions.Categorical(logits=logp, validate_args=False).sample
+        action = logp.argmax(-1) if greedy else sample()
+        return action, (deter, stoch, one_hot(action, self.num_actions, deter.dtype))
 
     # -- losses ---------------------------------------------------------------------------------
 
@@ -680,24 +686,49 @@ class Dreamer(nn.Module):
 
 class AgentPolicy:
     """The agent acting in a vector env: numpy frames and is_first flags in, numpy actions out.
-    Holds each env's recurrent state (deter, stoch, previous action) between steps."""
+    Holds each env's recurrent state (deter, stoch, previous action) between steps.
+
+    Each step comes back to the host in one copy: the actions and the new latents packed on the
+    device as bytes (int64 action, deter's bfloat16 bits, uint8 stoch classes), which `latents`
+    then serves to the replay without another transfer."""
 
     def __init__(self, agent, num_envs, device, greedy=False):
         self.agent, self.device, self.greedy = agent, device, greedy
         self.state = agent.initial_state(num_envs, device)
+        self.packed = None  # the last step's host copy (see `unpack`)
 
     def __call__(self, obs, is_first):
         action, self.state = self.agent.act(torch.as_tensor(obs, device=self.device),
                                             torch.as_tensor(is_first, device=self.device),
                                             self.state, self.greedy)
-        return action.cpu().numpy()
+        deter, stoch, _ = self.state
+        self.packed = pack_step(action, deter, self.agent.rssm.stoch_indices(stoch)).cpu().numpy()
+        return self.unpack()["action"]
+
+    def unpack(self):
+        """The last step's host copy as numpy arrays: action (N,) int64, deter_bits (N, D) uint16
+        (bfloat16 bits), stoch (N, S) uint8."""
+        deter = self.state[0].shape[-1]
+        action, bits, stoch = np.split(self.packed, [8, 8 + 2 * deter], axis=1)
+        return dict(action=action.view(np.int64)[:, 0], deter_bits=bits.view(np.uint16), stoch=stoch)
 
     def latents(self):
-        """The posterior latent of the last observation, as the replay stores it: deter (N, D)
-        float32 and stoch class indices (N, S)."""
-        deter, stoch, _ = self.state
-        return dict(deter=deter.float().cpu().numpy(),
-                    stoch=self.agent.rssm.stoch_indices(stoch).cpu().numpy().astype("uint8"))
+        """The posterior latent of the last observation, as the replay stores it: deter (N, D) as
+        bfloat16 bits and stoch class indices (N, S) uint8."""
+        step = self.unpack()
+        return dict(deter_bits=step["deter_bits"], stoch=step["stoch"])
+
+
+def bf16_bits(x):
+    """x rounded to bfloat16 (to nearest, ties to even), as int16 bits: the replay's uint16."""
+    return x.to(torch.bfloat16).view(torch.int16)
+
+
+def pack_step(action, deter, stoch):
+    """action (N,) int64, deter (N, D) float, stoch class indices (N, S) → (N, 8 + 2·D + S) uint8,
+    one tensor for one device-to-host copy."""
+    parts = [action.long()[:, None], bf16_bits(deter.float()), stoch.to(torch.uint8)]
+    return torch.cat([p.contiguous().view(torch.uint8) for p in parts], -1)
 
 
 # ---------------------------------------------------------------------------------------------

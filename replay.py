@@ -9,9 +9,12 @@ sampled with the step before it, and training starts from that step's latent and
 `ReplayStore` keeps the replay on disk with the run (see its docstring).
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
+from model import bf16_bits
 from utils import warn, write_atomic
 
 
@@ -83,14 +86,15 @@ class Replay:
         total = self.obs.nbytes + sum(v.nbytes for v in self.data.values())
         return total / (self.num_envs * self.length)
 
-    def add(self, obs, deter=None, stoch=None, **step):
+    def add(self, obs, deter=None, stoch=None, deter_bits=None, **step):
         """Store one step of every env: obs (E, 64, 64, 3), per-env fields of shape (E,) and, with
-        replay context, the acting latent: deter (E, D) float32, stoch (E, S) class indices."""
+        replay context, the acting latent: deter (E, D) float32 (or `deter_bits`, already rounded
+        to bfloat16 as uint16 bits, see `to_bf16_bits`), stoch (E, S) class indices."""
         self.obs[:, self.pos] = obs
         for k, v in step.items():
             self.data[k][:, self.pos] = v
         if self.context:
-            self.data["deter"][:, self.pos] = to_bf16_bits(deter)
+            self.data["deter"][:, self.pos] = to_bf16_bits(deter) if deter_bits is None else deter_bits
             self.data["stoch"][:, self.pos] = stoch
         self.pos = (self.pos + 1) % self.length
         self.filled = min(self.filled + 1, self.length)
@@ -104,32 +108,161 @@ class Replay:
         also the start: `start_deter` (batch, D) float32, `start_stoch` (batch, S) class indices
         and `start_action` (batch,), from the step before the window; and where the window lies
         (`env` (batch,), `index` (batch, seq_len)) for `refresh`."""
+        env, index = self.draw(batch, seq_len)
+        return {**self.gather(env, index), **self.start(env, index)}
+
+    def draw(self, batch, seq_len):
+        """Where `batch` windows of `seq_len` steps lie: env (batch,) and ring index (batch,
+        seq_len + context), with the step before each window first when the replay keeps context.
+        The only random draws of sampling: everything else is a read."""
         env = self.rng.integers(0, self.num_envs, batch)
-        # Chronological offset of each window within the ring, oldest data first; with context
-        # the window is sampled with the step before it.
+        # Chronological offset of each window within the ring, oldest data first.
         span = seq_len + self.context
         offset = self.rng.integers(0, self.filled - span + 1, batch)
         oldest = self.pos if self.filled == self.length else 0
-        index = (oldest + offset[:, None] + np.arange(span)) % self.length  # (B, span)
-        rows = env[:, None]
-        out = {"obs": self.obs[rows, index[:, self.context:]]}
-        for k in self.FIELDS:
-            out[k] = self.data[k][rows, index[:, self.context:]]
+        return env, (oldest + offset[:, None] + np.arange(span)) % self.length
+
+    def gather(self, env, index, out=None):
+        """The steps of drawn windows that never change once stored: obs and the fields (batch,
+        seq_len, ...), into the arrays of `out` when given (e.g. pinned buffers)."""
+        out = {} if out is None else out
+        rows, index = env[:, None], index[:, self.context:]
+        flat = (rows * self.length + index).ravel()  # one take per array, straight into `out`
+        for k, array in [("obs", self.obs), *((k, self.data[k]) for k in self.FIELDS)]:
+            shape = (*index.shape, *array.shape[2:])
+            if k not in out:
+                out[k] = np.empty(shape, array.dtype)
+            np.take(array.reshape(-1, *array.shape[2:]), flat, axis=0, out=out[k].reshape(-1, *shape[2:]),
+                    mode="wrap")  # wrap: no bounds-check copy of `out` (the indices are in range)
         if not self.context:
             out["is_first"][:, 0] = True
-            return out
-        start = index[:, 0]
-        out["start_deter"] = from_bf16_bits(self.data["deter"][env, start])
-        out["start_stoch"] = self.data["stoch"][env, start]
-        out["start_action"] = self.data["action"][env, start]
-        out["env"], out["index"] = env, index[:, 1:]
         return out
 
-    def refresh(self, env, index, deter, stoch):
+    def start(self, env, index, out=None):
+        """The replay context of drawn windows, read when they are used (training refreshes the
+        latents): `start_deter` (float32), `start_stoch`, `start_action` of the step before each
+        window (into the arrays of `out` when given), and `env`, `index` (batch, seq_len) for
+        `refresh`. Empty without context."""
+        if not self.context:
+            return {}
+        start, out = index[:, 0], {} if out is None else out
+        values = dict(start_deter=from_bf16_bits(self.data["deter"][env, start]),
+                      start_stoch=self.data["stoch"][env, start], start_action=self.data["action"][env, start])
+        for k, v in values.items():
+            if k in out:
+                out[k][...] = v
+            else:
+                out[k] = v
+        return dict(out, env=env, index=index[:, 1:])
+
+    def refresh(self, env, index, deter=None, stoch=None, deter_bits=None):
         """Write the latents that training computed for sampled windows back to their steps:
-        env (B,), index (B, T), deter (B, T, D) float32, stoch (B, T, S) class indices."""
-        self.data["deter"][env[:, None], index] = to_bf16_bits(deter)
+        env (B,), index (B, T), deter (B, T, D) float32 (or `deter_bits` as in `add`), stoch
+        (B, T, S) class indices."""
+        self.data["deter"][env[:, None], index] = to_bf16_bits(deter) if deter_bits is None else deter_bits
         self.data["stoch"][env[:, None], index] = stoch
+
+
+class Loader:
+    """Replayed batches as tensors on the training device, the next one read while an update runs.
+
+    `next(prefetch=True)` draws the following batch's windows at once (the replay's RNG stream is
+    the same as sampling one batch after the other) and gathers their frames and fields in a
+    background thread into a second buffer, while the caller's update runs; those never change
+    between two collection steps. The start latents change with every update (`refresh`), so
+    they are read when the batch is used. Each batch is thus bit for bit the one `Replay.sample`
+    would give at that moment.
+
+    On CUDA the buffers are pinned and copied to the GPU without blocking, and the latents an
+    update computes come back packed (bfloat16 bits, uint8 classes) by a non-blocking copy that
+    `flush` writes into the replay before anything reads it again (the next batch, a stored
+    step, a checkpoint). On the CPU the same code runs, with plain buffers.
+    """
+
+    def __init__(self, replay, batch_size, seq_len, device):
+        self.replay, self.shape, self.device = replay, (batch_size, seq_len), device
+        self.pin = device.type == "cuda"
+        self.buffers = [self.empty_batch() for _ in range(2)]  # one in use, one being filled
+        self.copied = [None, None]  # CUDA events: the device has its copy of that buffer
+        self.turn = 0
+        self.ahead = None  # (env, index, future) of the next batch
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="replay")
+        self.returning = None  # latents on their way back: (env, index, host tensors, event)
+        self.host_latents = None
+
+    def empty_batch(self):
+        """{name: host tensor} of one batch (pinned on CUDA)."""
+        r, (B, T) = self.replay, self.shape
+        shapes = {"obs": ((B, T, *r.obs.shape[2:]), r.obs.dtype),
+                  **{k: ((B, T), dtype) for k, dtype in r.FIELDS.items()}}
+        if r.context:
+            shapes.update(start_deter=((B, r.data["deter"].shape[-1]), np.float32),
+                          start_stoch=((B, r.data["stoch"].shape[-1]), np.uint8), start_action=((B,), np.int64))
+        return {k: torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=self.pin)
+                for k, (shape, dtype) in shapes.items()}
+
+    def fill(self, turn, env, index):
+        """Gather the unchanging part of drawn windows into buffer `turn` (in the worker thread)."""
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()  # its previous batch has reached the device
+        arrays = {k: t.numpy() for k, t in self.buffers[turn].items()}
+        self.replay.gather(env, index, out=arrays)
+
+    def next(self, prefetch=False):
+        """The next batch: {name: tensor (B, T, ...) on the device}, with `env` and `index` (numpy)
+        where its windows lie when the replay keeps context. With `prefetch`, the batch after it
+        is drawn now and gathered in the background; the caller must not store a step before it
+        asks for that batch."""
+        self.flush()
+        turn = self.turn
+        if self.ahead is None:
+            env, index = self.replay.draw(*self.shape)
+            self.fill(turn, env, index)
+        else:
+            env, index, future = self.ahead
+            self.ahead = None
+            future.result()
+        host = self.buffers[turn]
+        where = self.replay.start(env, index, out={k: host[k].numpy() for k in host if k.startswith("start_")})
+        batch = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
+        if self.pin:
+            self.copied[turn] = torch.cuda.Event()
+            self.copied[turn].record()
+        batch.update((k, where[k]) for k in ("env", "index") if k in where)
+        self.turn ^= 1
+        if prefetch:
+            env, index = self.replay.draw(*self.shape)
+            self.ahead = (env, index, self.worker.submit(self.fill, self.turn, env, index))
+        return batch
+
+    def refresh(self, env, index, latents):
+        """Send the latents of an update (deter (B, T, D), stoch class indices (B, T, S) on the
+        device) back to the replayed steps: packed on the device, copied without blocking, and
+        written into the replay by `flush`."""
+        self.flush()  # the host buffers hold the previous update's latents until written
+        packed = (bf16_bits(latents["deter"].float()), latents["stoch"].to(torch.uint8))
+        if self.host_latents is None:
+            self.host_latents = [torch.empty(p.shape, dtype=p.dtype, pin_memory=self.pin) for p in packed]
+        for host, p in zip(self.host_latents, packed):
+            host.copy_(p, non_blocking=True)
+        event = torch.cuda.Event() if self.pin else None
+        if event is not None:
+            event.record()
+        self.returning = (env, index, event)
+
+    def flush(self):
+        """Write the latents of the last `refresh` into the replay (waiting for their copy)."""
+        if self.returning is None:
+            return
+        env, index, event = self.returning
+        if event is not None:
+            event.synchronize()
+        bits, stoch = (t.numpy() for t in self.host_latents)
+        self.replay.refresh(env, index, deter_bits=bits.view(np.uint16), stoch=stoch)
+        self.returning = None
+
+    def close(self):
+        self.worker.shutdown(wait=True)
 
 
 # Write positions per chunk file: about 4096 steps (50 MB of frames) whatever the number of envs.

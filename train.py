@@ -26,7 +26,7 @@ import replay
 from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
-from replay import CHUNK_STEPS, Replay, ReplayStore
+from replay import CHUNK_STEPS, Loader, Replay, ReplayStore
 from utils import (
     Logger,
     keep_freed_memory,
@@ -314,6 +314,7 @@ class Trainer:
         seed = distributed.rank_seed(cfg.seed)
         seed_everything(seed)
         self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=seed)
+        self.batches = Loader(self.replay, cfg.batch_size, cfg.sequence_length, self.device)
         # Collection and updates alternate (the workers wait while torch runs and the other way
         # round), so torch keeps its default threads. Any failure from here on must close the
         # workers, or the process would wait for them forever.
@@ -478,9 +479,10 @@ class Trainer:
         cfg = self.cfg
         if self.replay_steps < cfg.learning_starts or not self.replay.can_sample(cfg.sequence_length):
             return
-        for _ in range(self.updates_due(cfg.num_envs)):
-            with self.timer.phase("replay"):
-                batch = self.replay.sample(cfg.batch_size, cfg.sequence_length)
+        due = self.updates_due(cfg.num_envs)
+        for i in range(due):
+            with self.timer.phase("replay"):  # the next batch is read while this update runs
+                batch = self.batches.next(prefetch=i + 1 < due)
             with self.timer.phase("update"):
                 metrics = self.update(batch)
             if metrics is None:  # skipped: a non-finite loss or gradient
@@ -491,12 +493,9 @@ class Trainer:
                 with self.timer.phase("logging"):
                     self.log_images(batch)
 
-    def to_tensors(self, batch):
-        """The model's inputs of a sampled batch as tensors (not where the windows lie)."""
-        return {k: torch.as_tensor(v, device=self.device) for k, v in batch.items() if k not in ("env", "index")}
-
     def store(self, obs, **step):
         """Replay.add, with the acting latent of every env when the replay keeps context."""
+        self.batches.flush()  # the last update's latents, before a step may overwrite a slot
         if self.replay.context:
             step.update(self.policy.latents())
         self.replay.add(obs, **step)
@@ -504,10 +503,9 @@ class Trainer:
             self.replay_files.after_add()
 
     def update(self, batch):
-        """One update; None when it was skipped (non-finite loss or gradient: nothing changed).
-        Raises RunError after MAX_SKIPPED_UPDATES skips in a row."""
-        metrics, latents = train_step(self.agent, self.opt, self.to_tensors(batch), self.loss_fn,
-                                      self.autocast)
+        """One update on a batch of `self.batches`; None when it was skipped (non-finite loss or
+        gradient: nothing changed). Raises RunError after MAX_SKIPPED_UPDATES skips in a row."""
+        metrics, latents = train_step(self.agent, self.opt, batch, self.loss_fn, self.autocast)
         if metrics is None:
             self.counters["skipped_updates"] += 1
             self.skipped_in_a_row += 1
@@ -520,8 +518,7 @@ class Trainer:
             return None
         self.skipped_in_a_row = 0
         if self.replay.context:  # the stored context of the replayed steps, from the newer model
-            self.replay.refresh(batch["env"], batch["index"], latents["deter"].float().cpu().numpy(),
-                                latents["stoch"].cpu().numpy().astype(np.uint8))
+            self.batches.refresh(batch["env"], batch["index"], latents)
         self.counters["updates"] += 1
         return metrics
 
@@ -572,7 +569,7 @@ class Trainer:
 
     def log_images(self, batch):
         n, context = min(4, self.cfg.batch_size), min(5, self.cfg.sequence_length - 1)
-        b = self.to_tensors({k: v[:n] for k, v in batch.items()})
+        b = {k: v[:n] for k, v in batch.items() if torch.is_tensor(v)}
         recon, imagined = openloop(self.agent, b["obs"], b["action"], b["is_first"], context,
                                    window_start(b))
         truth = b["obs"].float().cpu().numpy() / 255.0
@@ -605,6 +602,7 @@ class Trainer:
         delete the replay files that the previous checkpoint needed. A failure on any rank
         raises OSError on every rank, and then no rank deletes anything."""
         record, error = None, None
+        self.batches.flush()
         if self.replay_files is not None:
             try:
                 record = self.replay_files.save()
@@ -659,6 +657,7 @@ class Trainer:
         return f"the checkpoint of step {self.saved_step} is kept"
 
     def close(self):
+        self.batches.close()
         self.envs.close()
         self.logger.close()
         if self.lock is not None:
@@ -782,15 +781,19 @@ def train_step(agent, opt, batch, loss_fn=None, autocast=None):
                                                            batch["is_terminal"], window_start(batch))
     opt.zero_grad(set_to_none=True)
     total.backward()
-    distributed.average_gradients(agent.parameters())  # torchrun: the same mean gradient on all ranks
+    # torchrun: the same mean gradient on all ranks, and whether the loss was finite on all of
+    # them (in the same all-reduce), so that every rank skips the same updates.
+    finite = distributed.average_gradients(agent.parameters(), torch.isfinite(total.detach().float()))
     norms = []
     for group, params in zip(("wm", "actor", "critic"), opt.param_groups):
-        norms.append(torch.nn.utils.clip_grad_norm_(params["params"], float("inf")))
+        grads = [p.grad for p in params["params"] if p.grad is not None]
+        norms.append(torch.nn.utils.get_total_norm(grads))  # before LaProp's clipping
         metrics[f"opt/grad_norm_{group}"] = norms[-1]
-    # A NaN or inf anywhere in a group's gradients makes its norm non-finite. Deciding here costs
-    # one host sync per update (on CUDA): LaProp counts its steps in Python, so a skip cannot
-    # stay on the device. Correctness first; the acting step syncs every env step anyway.
-    finite = torch.isfinite(torch.stack([total.detach().float(), *[n.float() for n in norms]])).all()
+    # A NaN or inf anywhere in a group's gradients makes its norm non-finite (the same on every
+    # rank: the gradients are averaged). This is the one host sync an update keeps (a blocking
+    # scalar read on CUDA): LaProp counts its steps in Python, so a skip cannot stay on the
+    # device. Nothing else in an update reads a value back (tests/test_speed.py counts them).
+    finite = torch.stack([finite, *[torch.isfinite(n) for n in norms]]).all()
     if not finite.item():
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():

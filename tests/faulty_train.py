@@ -24,7 +24,7 @@ import torch
 import train
 from replay import Replay, ReplayStore
 
-real_save, real_sample, real_replay_save = torch.save, Replay.sample, ReplayStore.save
+real_save, real_gather, real_replay_save = torch.save, Replay.gather, ReplayStore.save
 writes, samples, replay_saves = 0, 0, 0
 
 
@@ -55,10 +55,10 @@ def faulty_save(payload, f, *args, **kwargs):
     f.write(data[len(data) // 2:])
 
 
-def faulty_sample(self, *args, **kwargs):
+def faulty_gather(self, *args, **kwargs):  # once per replayed batch (Replay.sample and Loader)
     global samples
     samples += 1
-    batch = real_sample(self, *args, **kwargs)
+    batch = real_gather(self, *args, **kwargs)
     if samples > int(os.environ.get("FAULT_NAN_AFTER", sys.maxsize)):
         batch["reward"][:] = np.nan
     return batch
@@ -77,6 +77,6 @@ if __name__ == "__main__":
     # floats, which make the CPU about 3 times slower.
     torch.set_flush_denormal(True)
     torch.save = faulty_save
-    Replay.sample = faulty_sample
+    Replay.gather = faulty_gather
     ReplayStore.save = faulty_replay_save
     train.main(sys.argv[1:])

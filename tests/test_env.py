@@ -141,7 +141,7 @@ def test_replay_context_is_the_acting_latent_of_the_step_before_the_window(tmp_p
     agent, replay = trainer.agent, trainer.replay
     batch = replay.sample(32, 5)
     assert not batch["is_first"][:, 0].all() and batch["is_first"][:, 0].any()
-    b = trainer.to_tensors(batch)
+    b = {k: torch.as_tensor(v) for k, v in batch.items()}
     (deter, stoch), prev_action = agent.window_start(b["action"], train.window_start(b))
     with torch.no_grad():
         predicted, _, _ = agent.rssm.obs_step(deter, stoch, prev_action[:, 0],

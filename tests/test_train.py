@@ -86,7 +86,7 @@ def test_trainer_restores_optimizer_normaliser_and_counters(tmp_path):
     trainer = train.Trainer(cfg, train.prepare(cfg))
     for _ in range(10):
         trainer.collect()
-    trainer.update(trainer.replay.sample(2, 4))
+    trainer.update(trainer.batches.next())
     trainer.save()
     trainer.close()
     cfg2 = dataclasses.replace(cfg, resume=os.path.join(str(tmp_path), "checkpoint.pt"))
