@@ -146,7 +146,8 @@ def synchronise(agent):
         return
     for tensor in agent.state_dict().values():
         _collective(dist.broadcast, tensor, src=0)
-    agent.retnorm.gather = gather
+    # Outside any compiled graph (--compile): a collective is a step of its own.
+    agent.retnorm.gather = torch.compiler.disable(gather)
 
 
 def average_gradients(params, finite):
@@ -173,14 +174,28 @@ def sync_step(finished, stop, num_envs):
     rank was asked to stop (SIGINT / SIGTERM), so that all stop after the same update.
 
     finished: [(env index, return, length)] of this rank; the result numbers the envs across
-    ranks (env i of rank r is r·num_envs + i), so env 0 is rank 0's first env.
+    ranks (env i of rank r is r·num_envs + i), so env 0 is rank 0's first env. The ranks exchange
+    one fixed-size float64 tensor each (stop flag, then per env: ended, return, length), not
+    pickled objects: on NCCL one small collective and one copy back per iteration.
     """
     if not active():
         return finished, stop
-    mine = (stop, [(rank() * num_envs + i, ret, length) for i, ret, length in finished])
-    everyone = [None] * world_size()
-    _collective(dist.all_gather_object, everyone, mine)
-    return [episode for _, episodes in everyone for episode in episodes], any(s for s, _ in everyone)
+    mine = torch.zeros(1 + 3 * num_envs, dtype=torch.float64)
+    mine[0] = float(stop)
+    for i, ret, length in finished:
+        mine[1 + 3 * i:4 + 3 * i] = torch.tensor([1.0, ret, length], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    everyone = torch.empty(world_size(), mine.numel(), dtype=torch.float64, device=device)
+    _collective(dist.all_gather_into_tensor, everyone, mine.to(device))
+    rows = everyone.cpu().numpy()
+    episodes = [(r * num_envs + i, float(row[2 + 3 * i]), int(row[3 + 3 * i]))
+                for r, row in enumerate(rows) for i in range(num_envs) if row[1 + 3 * i]]
+    return episodes, bool(rows[:, 0].any())
+
+
+def local_world_size():
+    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if active() else 1
 
 
 def exit_on_error(error):

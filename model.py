@@ -547,7 +547,9 @@ class Dreamer(nn.Module):
         # The draw (torch.multinomial) is the same as with it.
         sample = torch.distributions.Categorical(logits=logp, validate_args=False).sample
         action = logp.argmax(-1) if greedy else sample()
-        return action, (deter, stoch, one_hot(action, self.num_actions, deter.dtype))
+        # Copies of the compiled step's outputs: this state outlives the graph's next replay
+        # (CUDA graphs, --compile_mode reduce-overhead, reuse its output memory).
+        return action, (deter.clone(), stoch.clone(), one_hot(action, self.num_actions, deter.dtype))
 
     # -- losses ---------------------------------------------------------------------------------
 

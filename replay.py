@@ -52,14 +52,18 @@ class Replay:
 
     FIELDS = dict(action=np.int64, reward=np.float32, is_first=bool, is_last=bool, is_terminal=bool)
 
-    def __init__(self, capacity, num_envs, obs_shape=(64, 64, 3), latent=None, seed=0):
+    def __init__(self, capacity, num_envs, obs_shape=(64, 64, 3), latent=None, seed=0, ranks_on_node=1):
         self.num_envs, self.length = num_envs, capacity // num_envs
         self.context = latent is not None
         deter, stoch = latent or (0, 0)
+        # Under torchrun every rank on the machine holds a replay of --capacity steps, and all of
+        # them pass this check at once, before any has filled its pages: count them all.
         need = self.length * num_envs * self.step_bytes(obs_shape, latent)
         avail = available_memory()
-        if avail is not None and need > avail:
-            raise ValueError(f"--capacity {capacity} needs {need / 2**30:.1f} GiB of replay but only "
+        if avail is not None and need * ranks_on_node > avail:
+            ranks = f" per rank, {need * ranks_on_node / 2**30:.1f} GiB for the {ranks_on_node} ranks on " \
+                    f"this machine," if ranks_on_node > 1 else ""
+            raise ValueError(f"--capacity {capacity} needs {need / 2**30:.1f} GiB of replay{ranks} but only "
                              f"{avail / 2**30:.1f} GiB is available; lower --capacity")
         self.obs = np.zeros((num_envs, self.length, *obs_shape), np.uint8)
         self.data = {k: np.zeros((num_envs, self.length), t) for k, t in self.FIELDS.items()}

@@ -100,9 +100,12 @@ class Config:
     resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto (cuda if available), cuda, cuda:N or cpu")
-    precision: str = arg("fp32", "fp32, or bf16 autocast (CUDA only)")
+    precision: str = arg("auto", "auto (bf16 autocast on CUDA, with TF32 for what stays in fp32; fp32 on the "
+                                 "CPU), fp32 (full fp32 everywhere) or bf16 (autocast, CUDA only)")
     compile: bool = arg(False, "torch.compile the update piece by piece: the observe and imagine step functions "
                                "(one graph each, reused over the loop), encoder, heads and losses (slow start)")
+    compile_mode: str = arg("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA "
+                                       "graphs) or max-autotune")
 
 
 def _parser(suppress_defaults=False):
@@ -157,8 +160,11 @@ def check_config(cfg):
         raise ValueError(f"--wandb_key {cfg.wandb_key}: no such file")
     if cfg.wandb_key and not os.access(cfg.wandb_key, os.R_OK):
         raise ValueError(f"--wandb_key {cfg.wandb_key}: not readable (permission denied)")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be fp32 or bf16, got {cfg.precision}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {cfg.precision}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode}")
+    parse_device(cfg.device)
     if cfg.capacity // cfg.num_envs < cfg.sequence_length:
         raise ValueError(f"--capacity {cfg.capacity} gives {cfg.capacity // cfg.num_envs} steps per env, "
                          f"fewer than --sequence_length {cfg.sequence_length}")
@@ -179,15 +185,43 @@ def apply_presets(cfg, given=None):
     return cfg
 
 
-def pick_device(name):
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def parse_device(name, cuda_count=None):
+    """The torch.device that --device names (auto: None), or a one-line ValueError: a malformed
+    name, CUDA on a machine without it, or a GPU index the machine does not have. `cuda_count`:
+    the number of GPUs (default: this machine's)."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        print("warning: CUDA not available, training on CPU (slow)", file=sys.stderr)
+        return None
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name}")
+    if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    if count == 0:
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                         f"(cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def pick_device(name):
+    device = parse_device(name)
+    if device is not None:
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("warning: CUDA not available, training on CPU (slow)", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def uses_bf16(precision, device):
+    """Whether the update runs under bf16 autocast: --precision auto or bf16, on CUDA. (On the
+    CPU bf16 was 4x slower than fp32, so it stays fp32 there.)"""
+    return precision in ("auto", "bf16") and device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +322,18 @@ class RunError(RuntimeError):
     """A fault the run cannot go on from; the last checkpoint written is kept as it is."""
 
 
-def set_up_device(device):
+def set_up_device(device, precision="auto"):
     """Process-wide settings for training on `device` (the Trainer's, and the benchmarks')."""
     if device.type == "cuda":
+        # The current device, so that CUDA events, synchronise and new tensors without an index
+        # use the run's GPU (--device cuda:1), not GPU 0.
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+        # TF32 tensor cores for the matmuls and convolutions that run in fp32 (outside autocast);
+        # --precision fp32 keeps full fp32.
+        tf32 = precision != "fp32"
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
         return
     # Early updates of a small model make many denormal floats, each of which costs the CPU
     # dozens of cycles (a tiny Catch run took 3.6x the time); GPUs and XLA flush them.
@@ -309,11 +351,12 @@ class Trainer:
         self.ranks = distributed.world_size()
         self.device = distributed.rank_device(pick_device(cfg.device))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                       enabled=cfg.precision == "bf16" and self.device.type == "cuda")
-        set_up_device(self.device)
+                                       enabled=uses_bf16(cfg.precision, self.device))
+        set_up_device(self.device, cfg.precision)
         seed = distributed.rank_seed(cfg.seed)
         seed_everything(seed)
-        self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=seed)
+        self.replay = Replay(cfg.capacity, cfg.num_envs, latent=replay_latent(cfg), seed=seed,
+                             ranks_on_node=distributed.local_world_size())
         self.batches = Loader(self.replay, cfg.batch_size, cfg.sequence_length, self.device)
         # Collection and updates alternate (the workers wait while torch runs and the other way
         # round), so torch keeps its default threads. Any failure from here on must close the
@@ -322,7 +365,7 @@ class Trainer:
         self.lock = None
         self.replay_files = None
         self.recent_returns = []
-        self.train_metrics = {}
+        self.train_metrics = []  # [(names, values (n,))] of the updates since the last log
         self.video_frames = None
         self.env0_episodes = 0
         self.replay_steps = 0  # steps stored (by all ranks) since the replay started
@@ -331,7 +374,7 @@ class Trainer:
             self.num_actions = int(envs.single_action_space.n)
             self.agent, self.opt = build_agent(cfg, self.num_actions, self.device)
             if cfg.compile:
-                compile_agent(self.agent, self.opt)
+                compile_agent(self.agent, self.opt, cfg.compile_mode)
             self.loss_fn = self.agent.loss
             self.counters = dict(env_steps=0, updates=0, episodes=0, best_return=None,
                                  skipped_updates=0)
@@ -487,8 +530,10 @@ class Trainer:
                 metrics = self.update(batch)
             if metrics is None:  # skipped: a non-finite loss or gradient
                 continue
-            for k, v in metrics.items():
-                self.train_metrics.setdefault(k, []).append(v)
+            # One copy of the update's scalars, kept on the device until the next log: with CUDA
+            # graphs (--compile_mode reduce-overhead) a graph's outputs are overwritten by its
+            # next replay.
+            self.train_metrics.append((tuple(metrics), torch.stack([v.float() for v in metrics.values()])))
             if cfg.image_interval and self.counters["updates"] % cfg.image_interval == 0:
                 with self.timer.phase("logging"):
                     self.log_images(batch)
@@ -505,6 +550,8 @@ class Trainer:
     def update(self, batch):
         """One update on a batch of `self.batches`; None when it was skipped (non-finite loss or
         gradient: nothing changed). Raises RunError after MAX_SKIPPED_UPDATES skips in a row."""
+        if self.cfg.compile:  # a new step for CUDA graphs: the last step's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         metrics, latents = train_step(self.agent, self.opt, batch, self.loss_fn, self.autocast)
         if metrics is None:
             self.counters["skipped_updates"] += 1
@@ -552,7 +599,10 @@ class Trainer:
     def log_train(self):
         step, (t0, s0, u0) = self.counters["env_steps"], self.since_log
         now = time.time()
-        metrics = {k: float(torch.stack(v).float().mean()) for k, v in self.train_metrics.items()}
+        metrics = {}
+        if self.train_metrics:  # one read of the device for all of them
+            names = self.train_metrics[0][0]
+            metrics = dict(zip(names, torch.stack([v for _, v in self.train_metrics]).mean(0).tolist()))
         metrics["fps/env"] = (step - s0) / max(now - t0, 1e-9)
         metrics["fps/updates"] = (self.counters["updates"] - u0) / max(now - t0, 1e-9)
         metrics["replay/size"] = len(self.replay) * self.ranks
@@ -564,7 +614,7 @@ class Trainer:
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
-        self.train_metrics, self.since_log = {}, (now, step, self.counters["updates"])
+        self.train_metrics, self.since_log = [], (now, step, self.counters["updates"])
         return metrics
 
     def log_images(self, batch):
@@ -946,8 +996,10 @@ def prepare(cfg, given=None):
         checkpoint = load_checkpoint(cfg.resume)
         saved = checkpoint["config"]
         if given is not None:
+            # The machine that resumes chooses the device: a run saved on a GPU goes on on the CPU
+            # (and the other way round) with --device's default, auto.
             for f in dataclasses.fields(Config):
-                if f.name in saved and f.name not in given | {"resume", "resume_wandb_id", "run_dir"}:
+                if f.name in saved and f.name not in given | {"resume", "resume_wandb_id", "run_dir", "device"}:
                     setattr(cfg, f.name, saved[f.name])
         for key in ("env", "model_size", "atari100k"):  # atari100k's values are set at the start
             if saved.get(key, False) != getattr(cfg, key):

@@ -3,9 +3,11 @@ size 1 and 2 on this machine's CPU, one process per rank over gloo, each with it
 
     python bench/ddp_speed.py --model_size tiny --world_sizes 1 2
 
-Prints one JSON line per world size: seconds per update (the slowest rank's median), and the
-job's replayed steps per second (ranks × B × T per update). On CPU the ranks share the cores, so
-the figures check that the distributed path runs, not how it scales on GPUs.
+Prints one JSON line per world size: seconds per update (the slowest rank's median), the seconds
+of the gradient average alone (distributed.average_gradients: one flat all-reduce, in place), the
+size of the gradients, and the job's replayed steps per second (ranks × B × T per update). On
+CPU the ranks share the cores, so the figures check that the distributed path runs, not how it
+scales on GPUs.
 """
 import argparse
 import os
@@ -29,6 +31,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+def gradient_bytes(model_size, num_actions):
+    """Bytes of the fp32 gradients that an update averages (counted on the meta device)."""
+    agent, _ = train.build_agent(train.Config(model_size=model_size), num_actions, torch.device("meta"))
+    return 4 * sum(p.numel() for p in agent.parameters())
+
+
 def rank_main(rank, world, port, args, queue):
     if world > 1:  # the variables torchrun would set
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
@@ -42,13 +50,17 @@ def rank_main(rank, world, port, args, queue):
     distributed.synchronise(agent)
     batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions,
                             torch.device("cpu"), args.seed + rank)
-    times = []
+    times, reduce_times = [], []
     for i in range(args.warmup_updates + args.updates):
         start = time.perf_counter()
         train.train_step(agent, opt, batch)
         if i >= args.warmup_updates:
             times.append(time.perf_counter() - start)
-    queue.put(statistics.median(times))
+    for _ in range(args.updates):  # the gradient average alone, on the last update's gradients
+        start = time.perf_counter()
+        distributed.average_gradients(agent.parameters(), torch.tensor(True))
+        reduce_times.append(time.perf_counter() - start)
+    queue.put((statistics.median(times), statistics.median(reduce_times)))
     distributed.close()
 
 
@@ -68,12 +80,14 @@ def main(argv=None):
         with common.quiet_stdout():
             queue = mp.get_context("spawn").SimpleQueue()
             mp.spawn(rank_main, args=(world, free_port(), args, queue), nprocs=world)
-            median = max(queue.get() for _ in range(world))  # an update ends when the slowest rank's does
+            # An update ends when the slowest rank's does.
+            median, reduce = (max(column) for column in zip(*[queue.get() for _ in range(world)]))
         common.emit(dict(
             device="cpu", backend="gloo" if world > 1 else "none", world_size=world,
             model_size=args.model_size, batch_size_per_rank=args.batch_size,
             sequence_length=args.sequence_length, horizon=args.horizon, threads_per_rank=args.threads,
-            cpu_count=os.cpu_count(), sec_per_update_median=median,
+            cpu_count=os.cpu_count(), sec_per_update_median=median, sec_gradient_average_median=reduce,
+            gradient_mb=gradient_bytes(args.model_size, args.num_actions) / 2**20,
             replayed_steps_per_sec=world * args.batch_size * args.sequence_length / median,
         ))
 

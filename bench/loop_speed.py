@@ -31,6 +31,8 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=16, help="loop iterations per timed block")
     p.add_argument("--blocks", type=int, default=4, help="timed blocks of each order")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (as train.py's --device)")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (as train.py's --precision)")
     args = p.parse_args(argv)
     if min(args.num_envs, args.block, args.blocks, args.learning_starts) < 1:
         p.error("--num_envs, --block, --blocks and --learning_starts must be positive")
@@ -41,7 +43,8 @@ def main(argv=None):
                            train_ratio=args.train_ratio, batch_size=args.batch_size,
                            sequence_length=args.sequence_length, learning_starts=args.learning_starts,
                            capacity=max(args.learning_starts * 4, 10_000), run_dir=run_dir,
-                           wandb_mode="disabled", video_interval=0, image_interval=0, device="cpu")
+                           wandb_mode="disabled", video_interval=0, image_interval=0, device=args.device,
+                           precision=args.precision)
         trainer = train.Trainer(cfg, train.prepare(cfg))
         totals = {overlap: dict(agent_steps=0, updates=0, seconds=0.0) for overlap in (True, False)}
         try:
@@ -62,7 +65,7 @@ def main(argv=None):
 
     row = dict(env=args.env, model_size=args.model_size, num_envs=args.num_envs,
                train_ratio=args.train_ratio, batch=[args.batch_size, args.sequence_length],
-               threads=threads, torch=torch.__version__)
+               threads=threads, device=str(trainer.device), precision=args.precision, torch=torch.__version__)
     for overlap, name in ((True, "overlap"), (False, "plain")):
         t = totals[overlap]
         row[name] = dict(t, seconds=round(t["seconds"], 3),

@@ -4,9 +4,9 @@
 
 Prints one JSON line: seconds per update, replayed steps per second, parameter counts, peak memory,
 the FLOPs of one update (torch.utils.flop_counter over a whole eager update: forward, backward
-and optimizer step), the achieved GFLOP/s and their share of this machine's fp32 matmul peak
-(bench/peak.py), and with --compile the compile time (the untimed first updates minus as many
-timed ones).
+and optimizer step), the achieved GFLOP/s and their share of this machine's matmul peak in the
+update's precision (bench/peak.py: fp32, or bf16 for a bf16 update), and with --compile the
+compile time (the untimed first updates minus as many timed ones).
 """
 import argparse
 import contextlib
@@ -74,7 +74,8 @@ def main(argv=None):
     p.add_argument("--sequence_length", type=int, default=64)
     p.add_argument("--horizon", type=int, default=15, help="imagination horizon")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = torch.autocast")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU (as train.py); bf16 = torch.autocast")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the update as train.py --compile does")
     p.add_argument("--compile_mode", default=None,
@@ -91,13 +92,15 @@ def main(argv=None):
         threads = common.set_threads(args.threads)
         train.seed_everything(args.seed)
         device = train.pick_device(args.device)
-        train.set_up_device(device)  # as the Trainer does (on the CPU: flush denormals, keep freed memory)
-        precision = args.precision
+        # As the Trainer does (on the CPU: flush denormals, keep freed memory; on CUDA: TF32 unless fp32)
+        train.set_up_device(device, args.precision)
+        # auto: bf16 on CUDA as in training; bf16 given explicitly also runs on the CPU here
+        autocast_on = args.precision == "bf16" or train.uses_bf16(args.precision, device)
+        precision = "bf16" if autocast_on else "fp32"
         cfg = train.Config(env="ALE/Pong-v5", model_size=args.model_size, batch_size=args.batch_size,
                            sequence_length=args.sequence_length, imagination_horizon=args.horizon)
         agent, opt = train.build_agent(cfg, args.num_actions, device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                    else contextlib.nullcontext())
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if autocast_on else contextlib.nullcontext()
         batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         flops = count_flops(agent, opt, batch, autocast) if args.flops else None
@@ -112,7 +115,8 @@ def main(argv=None):
             sync()  # CUDA runs asynchronously: wait for the step before reading the clock
             (times if i >= args.warmup_updates else warmup).append(time.perf_counter() - start)
         memory, memory_kind = peak_memory(device)
-        peak_gflops = peak.matmul_gflops(args.peak_size, 2.0, device)[0] if args.peak_size else None
+        peak_dtype = "bf16" if autocast_on else "fp32"
+        peak_gflops = peak.matmul_gflops(args.peak_size, 2.0, device, peak_dtype)[0] if args.peak_size else None
 
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
     median = statistics.median(times)
@@ -131,7 +135,7 @@ def main(argv=None):
         compile_sec=max(0.0, sum(warmup) - len(warmup) * median) if args.compile and warmup else None,
         gflop_per_update=flops / 1e9 if flops else None,
         gflops_achieved=flops / 1e9 / median if flops else None,
-        peak_gflops=peak_gflops, peak_size=args.peak_size,
+        peak_gflops=peak_gflops, peak_size=args.peak_size, peak_dtype=peak_dtype if args.peak_size else None,
         share_of_peak=flops / 1e9 / median / peak_gflops if flops and peak_gflops else None,
         replayed_steps_per_sec=args.batch_size * args.sequence_length / median,
         peak_memory_bytes=int(memory), peak_memory_kind=memory_kind,

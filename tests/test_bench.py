@@ -43,9 +43,10 @@ def test_update_speed_counts_flops_and_share_of_peak():
     assert r["share_of_peak"] == pytest.approx(r["gflops_achieved"] / r["peak_gflops"])
 
 
-def test_peak():
-    r = run_bench("peak.py", "--size", "128", "--seconds", "0.1", "--threads", "1")
-    assert r["size"] == 128 and r["gflops"] > 0 and r["repeats"] >= 8
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_peak(dtype):
+    r = run_bench("peak.py", "--size", "128", "--seconds", "0.1", "--threads", "1", "--dtype", dtype)
+    assert r["size"] == 128 and r["dtype"] == dtype and r["gflops"] > 0 and r["repeats"] >= 8
 
 
 def test_gpu_script_dry_run_prints_rows_on_cpu():
@@ -54,8 +55,15 @@ def test_gpu_script_dry_run_prints_rows_on_cpu():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 1 and "| eager |" in rows[0]
-    assert "agent steps / s" in proc.stdout
+    assert "training loop, tiny" in proc.stdout and "collection, tiny policy" in proc.stdout
     assert proc.stderr.count("dry run, not run") == 2 and "reduce-overhead" in proc.stderr
+
+
+def test_gpu_script_skips_what_no_longer_fits_its_budget():
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=sys.executable, BUDGET_S="10"))
+    assert proc.returncode == 1
+    assert proc.stderr.count("skipped (budget of 10 s spent)") == 3  # the update, the loop, collection
 
 
 def test_env_speed_random_actions():

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import distributed
 import model
 import train
-from replay import Replay, ReplayStore
+from replay import Replay, ReplayStore, available_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_size", "tiny", "--num_envs", "1", "--batch_size", "2", "--sequence_length", "8",
@@ -332,3 +332,50 @@ def test_a_failing_rank_ends_the_job_with_one_error_line(tmp_path):
     # One line from the failing rank; the other rank, whose collective failed, adds none (its
     # traceback is in torchrun's error file, which torchrun's closing summary shows).
     assert errors == ["error: rank 1: RuntimeError: the env of rank 1 crashed"], result.stderr[-3000:]
+
+
+def _update_with_an_infinite_loss_on_rank_1(rank, port, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    agent, opt = _agent()
+    distributed.synchronise(agent)
+    half = {k: v.chunk(2)[rank] for k, v in batch.items()}
+    assert train.train_step(agent, opt, half)[0] is not None  # the optimizer has state now
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    real = agent.loss
+
+    def loss(*args, **kwargs):  # rank 1's loss is inf; its gradients stay finite
+        total, metrics, latents = real(*args, **kwargs)
+        return total + (float("inf") if rank == 1 else 0.0), metrics, latents
+
+    metrics, _ = train.train_step(agent, opt, half, loss)
+    torch.save((metrics is None, before, agent.state_dict(), opt.state_dict()["state"][0]["step"]),
+               os.path.join(out, f"rank{rank}.pt"))
+    distributed.close()
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path):
+    """The skip is decided together: rank 0, whose loss is finite, skips with rank 1, so the
+    weights, normaliser and optimizer of the two ranks stay equal (and unchanged)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from update_speed import synthetic_batch
+    batch = synthetic_batch(4, 8, 3, torch.device("cpu"))
+    mp.spawn(_update_with_an_infinite_loss_on_rank_1, args=(_free_port(), batch, str(tmp_path)), nprocs=2)
+    (skipped0, before0, after0, step0), (skipped1, before1, after1, step1) = \
+        [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert skipped0 and skipped1 and step0 == step1 == 1
+    for name in after0:
+        assert torch.equal(after0[name], after1[name]) and torch.equal(after0[name], before0[name]), name
+
+
+def test_a_capacity_that_fits_one_rank_but_not_two_on_the_machine_is_one_line_error(tmp_path):
+    capacity = int(0.7 * available_memory() / Replay.step_bytes(latent=(128, 32)))
+    args = [*TINY, "--capacity", str(capacity), "--no-save_replay"]
+    result = torchrun("--env", "tests.catch:Catch-v0", *args, "--total_steps", "64",
+                      "--run_dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "for the 2 ranks on this machine" in errors[0], result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -163,3 +163,42 @@ def test_acting_draws_the_same_actions_as_a_validated_categorical():
     assert torch.equal(action, validated)
     assert torch.equal(d, deter)
     assert model.one_hot(action, 3).sum(-1).eq(1).all()
+
+
+def test_a_gpu_index_the_machine_does_not_have_is_a_one_line_error():
+    assert train.parse_device("cuda:1", cuda_count=2) == torch.device("cuda", 1)
+    assert train.parse_device("cuda", cuda_count=1) == torch.device("cuda")
+    assert train.parse_device("cpu", cuda_count=0) == torch.device("cpu")
+    assert train.parse_device("auto", cuda_count=0) is None
+    with pytest.raises(ValueError, match=r"^--device cuda:2: this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$"):
+        train.parse_device("cuda:2", cuda_count=2)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train.parse_device("cuda:0", cuda_count=0)
+    for name in ("cuda:x", "cuda1", "tpu", ""):
+        with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+            train.parse_device(name, cuda_count=1)
+
+
+@pytest.mark.parametrize("precision,device,bf16", [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("fp32", "cuda", False), ("bf16", "cuda", True),
+    ("bf16", "cpu", False), ("fp32", "cpu", False)])
+def test_precision_is_bf16_autocast_on_cuda_by_default_and_fp32_on_the_cpu(precision, device, bf16):
+    assert train.Config().precision == "auto"
+    assert train.uses_bf16(precision, torch.device(device)) == bf16
+
+
+def test_the_machine_that_resumes_chooses_the_device(tmp_path):
+    """A run saved with --device cpu (as a GPU run would be saved with cuda) resumes with the
+    device the new command line asks for, by default auto, not the one in the checkpoint."""
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="tiny", num_envs=1, batch_size=2,
+                       sequence_length=4, capacity=1000, run_dir=str(tmp_path), device="cpu",
+                       wandb_mode="disabled", video_interval=0, image_interval=0)
+    trainer = train.Trainer(cfg, train.prepare(cfg))
+    trainer.save()
+    trainer.close()
+    resume = str(tmp_path / "checkpoint.pt")
+    for argv, device in (([], "auto"), (["--device", "cpu"], "cpu")):
+        cfg2, given = train.parse_args(["--resume", resume, *argv])
+        checkpoint = train.prepare(cfg2, given)
+        assert checkpoint["config"]["device"] == "cpu"
+        assert cfg2.device == device and cfg2.model_size == "tiny"  # the rest comes from the checkpoint

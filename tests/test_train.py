@@ -110,6 +110,10 @@ def test_trainer_restores_optimizer_normaliser_and_counters(tmp_path):
     (["--env", "ALE/Pong-v5", "--capacity", str(10**12), "--num_envs", "1"], "lower --capacity"),
     (["--env", "CartPole-v1"], "must be RGB images"),
     (["--env", "ALE/Pong-v5", "--sequence_length", "1"], "--sequence_length must be at least 2"),
+    (["--env", "ALE/Pong-v5", "--device", "cuda:3"], "--device cuda:3: CUDA is not available"),
+    (["--env", "ALE/Pong-v5", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--env", "ALE/Pong-v5", "--precision", "fp16"], "--precision must be auto, fp32 or bf16"),
+    (["--env", "ALE/Pong-v5", "--compile_mode", "fast"], "--compile_mode must be one of"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, args, message):
     result = run_train(*args, "--run_dir", str(tmp_path / "run"), timeout=120)
