@@ -33,8 +33,11 @@ from utils import (
     load_checkpoint,
     lock_run_dir,
     panels,
+    read_checkpoint,
     save_checkpoint,
+    to_safe,
     warn,
+    write_atomic,
     write_image,
     write_media,
     write_video,
@@ -98,6 +101,9 @@ class Config:
     wandb_project: str = arg("dreamerv3-atari", "wandb project name")
     resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id)")
     resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
+    convert_checkpoint: str = arg("", "rewrite a checkpoint.pt of an earlier version, which a safe load refuses, "
+                                      "in safe types (the original kept as PATH.bak) and exit; only for a file "
+                                      "you trust")
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto (cuda if available), cuda, cuda:N or cpu")
     precision: str = arg("fp32", "fp32, or bf16 autocast (CUDA only)")
@@ -976,6 +982,40 @@ def prepare(cfg, given=None):
     return checkpoint  # the run directory is made by the Logger, once every check has passed
 
 
+def convert_checkpoint(path):
+    """--convert_checkpoint: rewrite a checkpoint of an earlier version (numpy arrays and ALE
+    states inside, which a safe load refuses) in safe types, keeping the original as PATH.bak.
+    The one place where a checkpoint is loaded with weights_only=False, as its code could run:
+    the user vouches for the file by asking. Returns the line to print."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--convert_checkpoint {path}: no such file")
+    try:
+        read_checkpoint(path)
+        return f"{path} is already a safe checkpoint; nothing to convert"
+    except ValueError:  # refused by the safe load: convert it below
+        pass
+    except Exception as e:
+        raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
+    missing = {"agent", "optimizer", "counters", "config"} - set(payload if isinstance(payload, dict) else ())
+    if missing:
+        raise ValueError(f"--convert_checkpoint {path}: not a checkpoint of this program (missing {sorted(missing)})")
+    for state in (payload.get("collector") or {}).get("envs", []):
+        core = (state or {}).get("core")
+        if isinstance(core, dict) and "ale" in core and not isinstance(core["ale"], bytes):
+            core["ale"] = core["ale"].serialize()  # earlier versions kept the ALEState object
+    try:
+        safe = to_safe(payload)
+    except TypeError as e:
+        raise ValueError(f"--convert_checkpoint {path}: {e}") from None
+    shutil.copy2(path, f"{path}.bak")
+    write_atomic(path, lambda f: torch.save(safe, f))
+    return f"converted {path} to safe types; the original is kept as {path}.bak"
+
+
 def nearest_existing(path):
     """`path` itself if it exists, else its closest existing ancestor."""
     path = os.path.abspath(path)
@@ -1030,6 +1070,13 @@ def warn_if_disk_too_small(cfg):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
+    if cfg.convert_checkpoint:
+        try:
+            print(convert_checkpoint(cfg.convert_checkpoint))
+        except (ValueError, OSError) as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        return
     distributed.init(cfg.device)  # only under torchrun
     try:
         checkpoint = prepare(cfg, given)
