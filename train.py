@@ -99,7 +99,8 @@ class Config:
     wandb_mode: str = arg("offline", "wandb mode without a key: offline (local files) or disabled; "
                                      "online needs --wandb_key")
     wandb_project: str = arg("dreamerv3-atari", "wandb project name")
-    resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id)")
+    resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id); "
+                          "auto: <run_dir>/checkpoint.pt if there is one, else a fresh start")
     resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
     convert_checkpoint: str = arg("", "rewrite a checkpoint.pt of an earlier version, which a safe load refuses, "
                                       "in safe types (the original kept as PATH.bak) and exit; only for a file "
@@ -945,6 +946,11 @@ def prepare(cfg, given=None):
     all) is taken from the checkpoint, so `--resume checkpoint.pt` alone continues the run.
     """
     checkpoint = None
+    if cfg.resume == "auto":  # one command for the first start and every requeue of a job
+        if not cfg.run_dir:
+            raise ValueError("--resume auto needs --run_dir (the folder whose checkpoint.pt it resumes)")
+        existing = os.path.join(cfg.run_dir, "checkpoint.pt")
+        cfg.resume = existing if os.path.exists(existing) else ""
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         saved = checkpoint["config"]

@@ -116,6 +116,39 @@ def test_kill_9_at_random_moments_always_leaves_a_checkpoint_that_resumes(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
+# Preemption and wall-clock budgets (runs on shared clusters)
+
+
+def test_the_same_command_starts_a_run_and_continues_it_after_a_kill_9(tmp_path):
+    """--resume auto: a job killed by the scheduler and requeued with the same command continues
+    the run (counters, replay, wandb run) instead of starting it again."""
+    ckpt = tmp_path / "checkpoint.pt"
+    command = [*FAST, "--device", "cpu", "--wandb_mode", "offline", "--total_steps", "100000",
+               "--checkpoint_interval", "8", "--run_dir", str(tmp_path), "--resume", "auto"]
+    proc = start(tmp_path, *command, name="first")
+    wait_for(lambda: ckpt.exists() and load_checkpoint(str(ckpt))["counters"]["updates"] > 0, proc)
+    kill_group(proc)
+    first = load_checkpoint(str(ckpt))
+    assert first["wandb_id"] and first["config"]["resume"] == ""  # the first job started afresh
+
+    proc = start(tmp_path, *command, name="requeued")
+    steps = first["counters"]["env_steps"]
+    wait_for(lambda: load_checkpoint(str(ckpt))["counters"]["env_steps"] >= steps + 16, proc)
+    proc.send_signal(signal.SIGINT)
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    assert "warning:" not in stderr, stderr[-2000:]  # the replay and the envs came back: no refill
+    last = load_checkpoint(str(ckpt))
+    assert last["config"]["resume"] == str(ckpt)
+    assert last["wandb_id"] == first["wandb_id"]
+    assert last["counters"]["updates"] > first["counters"]["updates"]
+    assert last["trainer"]["replay_steps"] == last["counters"]["env_steps"]  # one replay, never refilled
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    counts = [r["episode/count"] for r in rows if "episode/count" in r]
+    assert counts[-1] == last["counters"]["episodes"] > first["counters"]["episodes"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Disk full
 
 

@@ -121,6 +121,13 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
     assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
 
 
+def test_resume_auto_without_run_dir_is_one_line_error():
+    result = run_train("--env", "ALE/Pong-v5", "--resume", "auto", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: --resume auto needs --run_dir (the folder whose checkpoint.pt it resumes)"]
+
+
 def test_new_run_never_overwrites_a_checkpoint(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"precious")
     result = run_train("--env", "ALE/Pong-v5", "--run_dir", str(tmp_path), timeout=120)
