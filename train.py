@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -87,6 +88,8 @@ class Config:
     image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
     log_interval: int = arg(1000, "agent steps between logged training scalars")
     checkpoint_interval: int = arg(50_000, "agent steps between checkpoints (also written at the end and on Ctrl-C)")
+    max_time: str = arg("", "wall-clock budget, e.g. 3h50m, 90m, 45s or seconds (5400), counted over all the "
+                            "jobs of a resumed run: once spent, the run saves its checkpoint and stops (empty: none)")
     eval_interval: int = arg(0, "agent steps between evaluations during training, logged as eval/return and "
                                 "eval/hns (0: never)")
     eval_episodes: int = arg(10, "episodes per evaluation; given with --resume (without --eval_interval): "
@@ -166,12 +169,31 @@ def check_config(cfg):
         raise ValueError(f"--wandb_key {cfg.wandb_key}: not readable (permission denied)")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {cfg.precision}")
+    parse_duration(cfg.max_time)
     if cfg.capacity // cfg.num_envs < cfg.sequence_length:
         raise ValueError(f"--capacity {cfg.capacity} gives {cfg.capacity // cfg.num_envs} steps per env, "
                          f"fewer than --sequence_length {cfg.sequence_length}")
     if not cfg.env:
         raise ValueError("--env is required, e.g. --env ALE/Pong-v5")
     check_env(cfg.env)
+
+
+def parse_duration(text):
+    """Seconds of a --max_time: 3h50m, 90m, 45s, 1h30m15s or plain seconds (5400); None for ""."""
+    if not text:
+        return None
+    number = r"(\d+(?:\.\d+)?)"
+    if re.fullmatch(number, text):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
+        if match is None or not any(match.groups()):
+            raise ValueError(f"--max_time {text}: not a duration; use e.g. 3h50m, 90m, 45s or seconds (5400)")
+        hours, minutes, secs = (float(g or 0) for g in match.groups())
+        seconds = 3600 * hours + 60 * minutes + secs
+    if seconds <= 0:
+        raise ValueError(f"--max_time {text}: must be positive (leave it out for no limit)")
+    return seconds
 
 
 ATARI100K = dict(num_envs=1, sticky_actions=0.0, total_steps=100_000, train_ratio=256.0)
@@ -310,6 +332,9 @@ class Trainer:
     """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
 
     def __init__(self, cfg, checkpoint=None):
+        # --max_time counts from here (a resumed replay's loading counts), plus the earlier jobs'.
+        self.started, self.elapsed_before = time.monotonic(), 0.0
+        self.max_time = parse_duration(cfg.max_time)
         if not distributed.is_main():  # under torchrun only rank 0 writes media and evaluates
             cfg = dataclasses.replace(cfg, video_interval=0, image_interval=0, eval_interval=0)
         self.cfg = cfg
@@ -397,6 +422,7 @@ class Trainer:
         counters = dict(checkpoint["counters"])
         # The update credit was called train_acc in checkpoints of earlier versions.
         self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
+        self.elapsed_before = counters.pop("elapsed_s", 0.0)
         self.counters.update(counters)
         if not distributed.is_main():  # the RNG states are rank 0's; the other ranks keep their seeds
             return
@@ -447,6 +473,13 @@ class Trainer:
             self.recent_returns = list(trainer["recent_returns"])
             return
         say(f"the env states were not restored ({why}): every env starts a new episode")
+
+    def elapsed(self):
+        """Wall-clock seconds the run has spent, over all its jobs (what --max_time counts)."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def out_of_time(self):
+        return self.max_time is not None and self.elapsed() >= self.max_time
 
     # -- steps of the loop ----------------------------------------------------------------------
 
@@ -571,6 +604,7 @@ class Trainer:
         metrics["train/updates"] = self.counters["updates"]
         metrics["opt/skipped_updates"] = self.counters["skipped_updates"]
         metrics.update(self.timer.read())
+        metrics["time/elapsed"] = self.elapsed()  # over all the run's jobs
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
@@ -624,7 +658,8 @@ class Trainer:
                 save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
                     "agent": self.agent.state_dict(),
                     "optimizer": self.opt.state_dict(),
-                    "counters": dict(self.counters, update_credit=self.updates_due.credit),
+                    "counters": dict(self.counters, update_credit=self.updates_due.credit,
+                                     elapsed_s=self.elapsed()),
                     "config": dataclasses.asdict(self.cfg),
                     "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
                     "wandb_id": self.logger.run_id,
@@ -863,8 +898,13 @@ def train(trainer):
         while c["env_steps"] < cfg.total_steps and not stop:
             finished = trainer.step()
             with trainer.timer.phase("logging"):
-                # Under torchrun: every rank's episodes, and a stop asked of any rank stops all.
-                finished, stop = distributed.sync_step(finished, flag.stop, cfg.num_envs)
+                # Under torchrun: every rank's episodes, and a stop asked of any rank (a signal,
+                # or --max_time spent) stops all.
+                out_of_time = trainer.out_of_time()
+                finished, stop = distributed.sync_step(finished, flag.stop or out_of_time, cfg.num_envs)
+                if stop and out_of_time and not flag.stop and distributed.is_main():
+                    print(f"--max_time {cfg.max_time} spent ({trainer.elapsed():.0f} s over the run's "
+                          f"jobs): saving checkpoint and stopping", file=sys.stderr)
                 trainer.log_episodes(finished)
                 bar.update(cfg.num_envs * trainer.ranks)
                 if trainer.log_due(c["env_steps"]):

@@ -148,6 +148,27 @@ def test_the_same_command_starts_a_run_and_continues_it_after_a_kill_9(tmp_path)
     assert counts[-1] == last["counters"]["episodes"] > first["counters"]["episodes"]
 
 
+def test_max_time_stops_the_run_and_counts_the_time_of_every_job(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    proc = start(tmp_path, *FAST, *NO_UPDATES, "--total_steps", "100000000", "--log_interval", "2",
+                 "--run_dir", str(tmp_path), "--max_time", "3s", name="first")
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    assert "--max_time 3s spent" in stderr and "error" not in stderr
+    first = load_checkpoint(str(ckpt))["counters"]["elapsed_s"]
+    assert 3 <= first < 4
+
+    # A requeued job with a budget of 6 s runs the 3 s that are left, not 6.
+    proc = start(tmp_path, "--resume", str(ckpt), "--max_time", "6s", name="second")
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    second = load_checkpoint(str(ckpt))["counters"]["elapsed_s"]
+    assert 6 <= second < 7
+    # time/elapsed is logged as the total over both jobs.
+    elapsed = [r["time/elapsed"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "time/elapsed" in r]
+    assert elapsed == sorted(elapsed) and elapsed[0] < 3 and 5 < elapsed[-1] <= second
+
+
 # ---------------------------------------------------------------------------------------------
 # Disk full
 

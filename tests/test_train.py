@@ -111,6 +111,9 @@ def test_trainer_restores_optimizer_normaliser_and_counters(tmp_path):
     (["--env", "ALE/Pong-v5", "--capacity", str(10**12), "--num_envs", "1"], "lower --capacity"),
     (["--env", "CartPole-v1"], "must be RGB images"),
     (["--env", "ALE/Pong-v5", "--sequence_length", "1"], "--sequence_length must be at least 2"),
+    (["--env", "ALE/Pong-v5", "--max_time", "abc"], "--max_time abc: not a duration"),
+    (["--env", "ALE/Pong-v5", "--max_time", "-5"], "--max_time -5: not a duration"),
+    (["--env", "ALE/Pong-v5", "--max_time", "0"], "--max_time 0: must be positive"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, args, message):
     result = run_train(*args, "--run_dir", str(tmp_path / "run"), timeout=120)
