@@ -95,8 +95,9 @@ class SavesState:
             core = base.get_state()
         elif hasattr(base, "ale"):
             # include_rng: sticky actions draw from the emulator's RNG; the env's own np_random
-            # draws the no-op starts (the wrapper's np_random is the base env's).
-            core = dict(ale=base.ale.cloneState(include_rng=True),
+            # draws the no-op starts (the wrapper's np_random is the base env's). The emulator
+            # state as bytes: a checkpoint holds data only (see utils.to_safe).
+            core = dict(ale=base.ale.cloneState(include_rng=True).serialize(),
                         np_random=base.np_random.bit_generator.state)
         else:
             return None
@@ -107,7 +108,9 @@ class SavesState:
         if hasattr(base, "set_state"):
             base.set_state(state["core"])
         else:
-            base.ale.restoreState(state["core"]["ale"])
+            from ale_py import ALEState  # only for ALE envs: ale-py is imported when one is made
+
+            base.ale.restoreState(ALEState(state["core"]["ale"]))
             base.np_random.bit_generator.state = state["core"]["np_random"]
         for wrapper, elapsed in zip(_time_limits(self), state["elapsed"]):
             wrapper._elapsed_steps = elapsed

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -33,8 +34,11 @@ from utils import (
     load_checkpoint,
     lock_run_dir,
     panels,
+    read_checkpoint,
     save_checkpoint,
+    to_safe,
     warn,
+    write_atomic,
     write_image,
     write_media,
     write_video,
@@ -84,6 +88,8 @@ class Config:
     image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
     log_interval: int = arg(1000, "agent steps between logged training scalars")
     checkpoint_interval: int = arg(50_000, "agent steps between checkpoints (also written at the end and on Ctrl-C)")
+    max_time: str = arg("", "wall-clock budget, e.g. 3h50m, 90m, 45s or seconds (5400), counted over all the "
+                            "jobs of a resumed run: once spent, the run saves its checkpoint and stops (empty: none)")
     eval_interval: int = arg(0, "agent steps between evaluations during training, logged as eval/return and "
                                 "eval/hns (0: never)")
     eval_episodes: int = arg(10, "episodes per evaluation; given with --resume (without --eval_interval): "
@@ -96,8 +102,12 @@ class Config:
     wandb_mode: str = arg("offline", "wandb mode without a key: offline (local files) or disabled; "
                                      "online needs --wandb_key")
     wandb_project: str = arg("dreamerv3-atari", "wandb project name")
-    resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id)")
+    resume: str = arg("", "checkpoint.pt to resume from (counters, optimizer, slow critic, normaliser, wandb id); "
+                          "auto: <run_dir>/checkpoint.pt if there is one, else a fresh start")
     resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
+    convert_checkpoint: str = arg("", "rewrite a checkpoint.pt of an earlier version, which a safe load refuses, "
+                                      "in safe types (the original kept as PATH.bak) and exit; only for a file "
+                                      "you trust")
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto (cuda if available), cuda, cuda:N or cpu")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA, with TF32 for what stays in fp32; fp32 on the "
@@ -165,12 +175,31 @@ def check_config(cfg):
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode}")
     parse_device(cfg.device)
+    parse_duration(cfg.max_time)
     if cfg.capacity // cfg.num_envs < cfg.sequence_length:
         raise ValueError(f"--capacity {cfg.capacity} gives {cfg.capacity // cfg.num_envs} steps per env, "
                          f"fewer than --sequence_length {cfg.sequence_length}")
     if not cfg.env:
         raise ValueError("--env is required, e.g. --env ALE/Pong-v5")
     check_env(cfg.env)
+
+
+def parse_duration(text):
+    """Seconds of a --max_time: 3h50m, 90m, 45s, 1h30m15s or plain seconds (5400); None for ""."""
+    if not text:
+        return None
+    number = r"(\d+(?:\.\d+)?)"
+    if re.fullmatch(number, text):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
+        if match is None or not any(match.groups()):
+            raise ValueError(f"--max_time {text}: not a duration; use e.g. 3h50m, 90m, 45s or seconds (5400)")
+        hours, minutes, secs = (float(g or 0) for g in match.groups())
+        seconds = 3600 * hours + 60 * minutes + secs
+    if seconds <= 0:
+        raise ValueError(f"--max_time {text}: must be positive (leave it out for no limit)")
+    return seconds
 
 
 ATARI100K = dict(num_envs=1, sticky_actions=0.0, total_steps=100_000, train_ratio=256.0)
@@ -345,6 +374,9 @@ class Trainer:
     """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
 
     def __init__(self, cfg, checkpoint=None):
+        # --max_time counts from here (a resumed replay's loading counts), plus the earlier jobs'.
+        self.started, self.elapsed_before = time.monotonic(), 0.0
+        self.max_time = parse_duration(cfg.max_time)
         if not distributed.is_main():  # under torchrun only rank 0 writes media and evaluates
             cfg = dataclasses.replace(cfg, video_interval=0, image_interval=0, eval_interval=0)
         self.cfg = cfg
@@ -434,6 +466,7 @@ class Trainer:
         counters = dict(checkpoint["counters"])
         # The update credit was called train_acc in checkpoints of earlier versions.
         self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
+        self.elapsed_before = counters.pop("elapsed_s", 0.0)
         self.counters.update(counters)
         if not distributed.is_main():  # the RNG states are rank 0's; the other ranks keep their seeds
             return
@@ -484,6 +517,13 @@ class Trainer:
             self.recent_returns = list(trainer["recent_returns"])
             return
         say(f"the env states were not restored ({why}): every env starts a new episode")
+
+    def elapsed(self):
+        """Wall-clock seconds the run has spent, over all its jobs (what --max_time counts)."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def out_of_time(self):
+        return self.max_time is not None and self.elapsed() >= self.max_time
 
     # -- steps of the loop ----------------------------------------------------------------------
 
@@ -611,6 +651,7 @@ class Trainer:
         metrics["train/updates"] = self.counters["updates"]
         metrics["opt/skipped_updates"] = self.counters["skipped_updates"]
         metrics.update(self.timer.read())
+        metrics["time/elapsed"] = self.elapsed()  # over all the run's jobs
         if self.recent_returns:
             metrics["episode/mean_return"] = float(np.mean(self.recent_returns[-10:]))
         self.logger.scalars(step, metrics)
@@ -665,7 +706,8 @@ class Trainer:
                 save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
                     "agent": self.agent.state_dict(),
                     "optimizer": self.opt.state_dict(),
-                    "counters": dict(self.counters, update_credit=self.updates_due.credit),
+                    "counters": dict(self.counters, update_credit=self.updates_due.credit,
+                                     elapsed_s=self.elapsed()),
                     "config": dataclasses.asdict(self.cfg),
                     "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
                     "wandb_id": self.logger.run_id,
@@ -909,8 +951,13 @@ def train(trainer):
         while c["env_steps"] < cfg.total_steps and not stop:
             finished = trainer.step()
             with trainer.timer.phase("logging"):
-                # Under torchrun: every rank's episodes, and a stop asked of any rank stops all.
-                finished, stop = distributed.sync_step(finished, flag.stop, cfg.num_envs)
+                # Under torchrun: every rank's episodes, and a stop asked of any rank (a signal,
+                # or --max_time spent) stops all.
+                out_of_time = trainer.out_of_time()
+                finished, stop = distributed.sync_step(finished, flag.stop or out_of_time, cfg.num_envs)
+                if stop and out_of_time and not flag.stop and distributed.is_main():
+                    print(f"--max_time {cfg.max_time} spent ({trainer.elapsed():.0f} s over the run's "
+                          f"jobs): saving checkpoint and stopping", file=sys.stderr)
                 trainer.log_episodes(finished)
                 bar.update(cfg.num_envs * trainer.ranks)
                 if trainer.log_due(c["env_steps"]):
@@ -992,6 +1039,11 @@ def prepare(cfg, given=None):
     all) is taken from the checkpoint, so `--resume checkpoint.pt` alone continues the run.
     """
     checkpoint = None
+    if cfg.resume == "auto":  # one command for the first start and every requeue of a job
+        if not cfg.run_dir:
+            raise ValueError("--resume auto needs --run_dir (the folder whose checkpoint.pt it resumes)")
+        existing = os.path.join(cfg.run_dir, "checkpoint.pt")
+        cfg.resume = existing if os.path.exists(existing) else ""
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         saved = checkpoint["config"]
@@ -1029,6 +1081,40 @@ def prepare(cfg, given=None):
                          f"--resume {existing} or choose another --run_dir")
     warn_if_disk_too_small(cfg)
     return checkpoint  # the run directory is made by the Logger, once every check has passed
+
+
+def convert_checkpoint(path):
+    """--convert_checkpoint: rewrite a checkpoint of an earlier version (numpy arrays and ALE
+    states inside, which a safe load refuses) in safe types, keeping the original as PATH.bak.
+    The one place where a checkpoint is loaded with weights_only=False, as its code could run:
+    the user vouches for the file by asking. Returns the line to print."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--convert_checkpoint {path}: no such file")
+    try:
+        read_checkpoint(path)
+        return f"{path} is already a safe checkpoint; nothing to convert"
+    except ValueError:  # refused by the safe load: convert it below
+        pass
+    except Exception as e:
+        raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
+    missing = {"agent", "optimizer", "counters", "config"} - set(payload if isinstance(payload, dict) else ())
+    if missing:
+        raise ValueError(f"--convert_checkpoint {path}: not a checkpoint of this program (missing {sorted(missing)})")
+    for state in (payload.get("collector") or {}).get("envs", []):
+        core = (state or {}).get("core")
+        if isinstance(core, dict) and "ale" in core and not isinstance(core["ale"], bytes):
+            core["ale"] = core["ale"].serialize()  # earlier versions kept the ALEState object
+    try:
+        safe = to_safe(payload)
+    except TypeError as e:
+        raise ValueError(f"--convert_checkpoint {path}: {e}") from None
+    shutil.copy2(path, f"{path}.bak")
+    write_atomic(path, lambda f: torch.save(safe, f))
+    return f"converted {path} to safe types; the original is kept as {path}.bak"
 
 
 def nearest_existing(path):
@@ -1085,6 +1171,13 @@ def warn_if_disk_too_small(cfg):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
+    if cfg.convert_checkpoint:
+        try:
+            print(convert_checkpoint(cfg.convert_checkpoint))
+        except (ValueError, OSError) as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+        return
     distributed.init(cfg.device)  # only under torchrun
     try:
         checkpoint = prepare(cfg, given)

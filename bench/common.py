@@ -85,9 +85,9 @@ def run_config(run_dir):
             return json.load(f)
     path = os.path.join(run_dir, "checkpoint.pt")
     if os.path.isfile(path):
-        import torch  # only here: reading a folder of JSON files needs no torch
+        from utils import read_checkpoint  # only here: reading a folder of JSON files needs no torch
 
-        return dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"])
+        return dict(read_checkpoint(path, mmap=True)["config"])  # a safe load: data, never code
     records = eval_records(run_dir)
     return {"env": records[-1]["env"]} if records else {}
 

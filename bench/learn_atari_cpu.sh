@@ -7,7 +7,7 @@
 # Trains `ALE/<GAME>-v5` with settings for many small updates per CPU-second: the tiny model,
 # 4 envs, batch 8 × 16 steps (a short window is enough: with replay context it starts from the
 # stored latent of the step before it), train ratio 64 and the learning rates of the CPU learning
-# tests. Stops with SIGINT at the budget (the checkpoint is written), then plays the
+# tests. Stops at the budget (train.py --max_time: the checkpoint is written), then plays the
 # random policy for as many episodes as it compares (EPISODES, default 20) and prints one JSON
 # line: the mean return of the last EPISODES training episodes next to the random level, and
 # whether it is above it by more than two standard errors. <run_dir>/return_curve.png draws the
@@ -23,7 +23,7 @@ shift
 BUDGET_S=${BUDGET_S:-3600}
 EPISODES=${EPISODES:-20}
 RUN_DIR=${RUN_DIR:-runs/cpu-${GAME}-$(date +%Y%m%d-%H%M%S)}
-timeout -s INT -k 120 "$BUDGET_S" python train.py --env "ALE/${GAME}-v5" --model_size tiny \
+python train.py --env "ALE/${GAME}-v5" --max_time "$BUDGET_S" --model_size tiny \
     --num_envs 4 --batch_size 8 --sequence_length 16 --train_ratio 64 --lr 1e-3 \
     --actor_lr 3e-4 --critic_lr 1e-3 --warmup 100 --learning_starts 1000 \
     --total_steps 100000000 --log_interval 2000 --video_interval 0 --image_interval 0 \

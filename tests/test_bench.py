@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,7 +169,7 @@ def test_atari100k_script_trains_then_evaluates_with_hns(tmp_path):
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "Pong-s3"
-    config = torch.load(run / "checkpoint.pt", weights_only=False)["config"]
+    config = load_checkpoint(run / "checkpoint.pt")["config"]
     assert (config["atari100k"], config["num_envs"], config["sticky_actions"], config["seed"]) == (True, 1, 0.0, 3)
     record = json.loads((run / "eval_32.json").read_text())
     assert record["game"] == "Pong" and record["episodes"] == 1 and -21 <= record["mean"] <= 21

@@ -20,6 +20,7 @@ import distributed
 import model
 import train
 from replay import Replay, ReplayStore, available_memory
+from utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_size", "tiny", "--num_envs", "1", "--batch_size", "2", "--sequence_length", "8",
@@ -95,7 +96,7 @@ def two_rank_run(tmp_path_factory):
 def test_ranks_hold_identical_weights_after_updates(two_rank_run):
     run_dir, weights, _ = two_rank_run
     rank0, rank1 = rank_weights(weights)
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     # 64 agent steps of the job are 32 per rank. Updates start once the job has stored 16 steps
     # (8 per rank) and each rank's replay holds a window of 8 and the step before it (9 steps);
     # each of the 24 collection steps of a rank from then on earns 8 / (2·8) of an update: 12
@@ -125,7 +126,7 @@ def test_only_rank_0_writes_and_every_ranks_episodes_reach_the_log(two_rank_run)
 
 def test_every_rank_keeps_its_replay_named_in_the_checkpoint(two_rank_run):
     run_dir = two_rank_run[0]
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     records = ckpt["replay_ranks"]
     assert len(records) == 2 and ckpt["replay"] == records[0]  # where one process looks
     # 32 steps per rank, all in the open tail (a chunk is 1000 steps of the one env); the files
@@ -182,13 +183,13 @@ def test_distributed_checkpoint_resumes_in_one_process_with_rank_0s_replay(two_r
     run_dir = tmp_path / "run"
     shutil.copytree(two_rank_run[0], run_dir)
     path = str(run_dir / "checkpoint.pt")
-    before = torch.load(path, weights_only=False)
+    before = load_checkpoint(path)
     result = subprocess.run([sys.executable, "train.py", "--resume", path, "--total_steps", "96"],
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "replay was saved by 2 ranks; this run of 1 loads rank 0's" in result.stderr
-    after = torch.load(path, weights_only=False)
+    after = load_checkpoint(path)
     # One process with one env: 32 more agent steps, each earning half an update, with rank 0's
     # replay from the start (no refill): 16 updates.
     assert after["counters"]["env_steps"] == 96
@@ -293,7 +294,7 @@ def test_two_rank_resume_then_sigterm_on_one_rank_stops_both_with_one_checkpoint
     run_dir, weights = tmp_path / "run", tmp_path / "weights"
     shutil.copytree(two_rank_run[0], run_dir)
     weights.mkdir()
-    before = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    before = load_checkpoint(run_dir / "checkpoint.pt")
     proc = torchrun("--resume", str(run_dir / "checkpoint.pt"), "--total_steps", "100000",
                     weights_dir=weights, wait=False)
     try:
@@ -307,7 +308,7 @@ def test_two_rank_resume_then_sigterm_on_one_rank_stops_both_with_one_checkpoint
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert err.count("SIGTERM: saving checkpoint and stopping") == 1  # only rank 1 got it
-    after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    after = load_checkpoint(run_dir / "checkpoint.pt")
     assert 96 < after["counters"]["env_steps"] < 100_000
     assert after["counters"]["updates"] > before["counters"]["updates"]
     assert after["wandb_id"] == before["wandb_id"] and after["config"]["num_envs"] == 1

@@ -116,6 +116,60 @@ def test_kill_9_at_random_moments_always_leaves_a_checkpoint_that_resumes(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
+# Preemption and wall-clock budgets (runs on shared clusters)
+
+
+def test_the_same_command_starts_a_run_and_continues_it_after_a_kill_9(tmp_path):
+    """--resume auto: a job killed by the scheduler and requeued with the same command continues
+    the run (counters, replay, wandb run) instead of starting it again."""
+    ckpt = tmp_path / "checkpoint.pt"
+    command = [*FAST, "--device", "cpu", "--wandb_mode", "offline", "--total_steps", "100000",
+               "--checkpoint_interval", "8", "--run_dir", str(tmp_path), "--resume", "auto"]
+    proc = start(tmp_path, *command, name="first")
+    wait_for(lambda: ckpt.exists() and load_checkpoint(str(ckpt))["counters"]["updates"] > 0, proc)
+    kill_group(proc)
+    first = load_checkpoint(str(ckpt))
+    assert first["wandb_id"] and first["config"]["resume"] == ""  # the first job started afresh
+
+    proc = start(tmp_path, *command, name="requeued")
+    steps = first["counters"]["env_steps"]
+    wait_for(lambda: load_checkpoint(str(ckpt))["counters"]["env_steps"] >= steps + 16, proc)
+    proc.send_signal(signal.SIGINT)
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    assert "warning:" not in stderr, stderr[-2000:]  # the replay and the envs came back: no refill
+    last = load_checkpoint(str(ckpt))
+    assert last["config"]["resume"] == str(ckpt)
+    assert last["wandb_id"] == first["wandb_id"]
+    assert last["counters"]["updates"] > first["counters"]["updates"]
+    assert last["trainer"]["replay_steps"] == last["counters"]["env_steps"]  # one replay, never refilled
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    counts = [r["episode/count"] for r in rows if "episode/count" in r]
+    assert counts[-1] == last["counters"]["episodes"] > first["counters"]["episodes"]
+
+
+def test_max_time_stops_the_run_and_counts_the_time_of_every_job(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    proc = start(tmp_path, *FAST, *NO_UPDATES, "--total_steps", "100000000", "--log_interval", "2",
+                 "--run_dir", str(tmp_path), "--max_time", "3s", name="first")
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    assert "--max_time 3s spent" in stderr and "error" not in stderr
+    first = load_checkpoint(str(ckpt))["counters"]["elapsed_s"]
+    assert 3 <= first < 4
+
+    # A requeued job with a budget of 6 s runs the 3 s that are left, not 6.
+    proc = start(tmp_path, "--resume", str(ckpt), "--max_time", "6s", name="second")
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    second = load_checkpoint(str(ckpt))["counters"]["elapsed_s"]
+    assert 6 <= second < 7
+    # time/elapsed is logged as the total over both jobs.
+    elapsed = [r["time/elapsed"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "time/elapsed" in r]
+    assert elapsed == sorted(elapsed) and elapsed[0] < 3 and 5 < elapsed[-1] <= second
+
+
+# ---------------------------------------------------------------------------------------------
 # Disk full
 
 

@@ -13,6 +13,7 @@ from env import Collector, make_vector_env
 from evaluate import evaluate
 from model import Dreamer, LaProp
 from replay import Replay
+from utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATCH, RHYTHM = "tests.catch:Catch-v0", "tests.rhythm:Rhythm-v0"
@@ -36,7 +37,7 @@ def train_tiny(env_id, total_steps, num_actions, run_dir):
                              "--total_steps", str(total_steps), "--run_dir", str(run_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     agent = Dreamer(num_actions, **train.SIZES["tiny"])
     agent.load_state_dict(ckpt["agent"])
     return agent.eval()

@@ -10,6 +10,7 @@ import torch
 import replay as replay_module
 import train
 from replay import Replay, ReplayStore
+from utils import load_checkpoint
 
 # Half an update per collection step of the 2 envs: few updates, as each costs about 0.3 s.
 TINY = dict(model_size="tiny", num_envs=2, batch_size=2, sequence_length=8, train_ratio=4.0,
@@ -130,7 +131,7 @@ def assert_same_run(b, c, run_dir_b, run_dir_c):
     for x, y in zip(b.policy.state, c.policy.state):
         assert torch.equal(x, y)
     # ... and what is on disk: the checkpoint's replay loads as the ring it had.
-    ckpt = torch.load(os.path.join(run_dir_b, "checkpoint.pt"), weights_only=False)
+    ckpt = load_checkpoint(os.path.join(run_dir_b, "checkpoint.pt"))
     loaded = Replay(b.cfg.capacity, b.cfg.num_envs, latent=train.replay_latent(b.cfg))
     ReplayStore(os.path.join(run_dir_b, "replay"), loaded).load(ckpt["replay"])
     assert_same_replay(loaded, c.replay)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from utils import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def test_smoke_run_leaves_checkpoint_logs_video_and_images(smoke_run):
     assert episodes and all(-21 <= r["episode/return"] <= 21 for r in episodes)
     trained = [r for r in rows if "loss/rec" in r]
     assert trained and all("fps/env" in r and "replay/size" in r for r in trained)
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     assert ckpt["counters"]["env_steps"] == 2000
     assert ckpt["counters"]["updates"] == pytest.approx((2000 - 256) * 8 / 64, abs=2)
 
@@ -64,11 +65,11 @@ def test_resume_continues_from_saved_counters(smoke_run, tmp_path):
     run_dir = str(tmp_path / "run")
     shutil.copytree(smoke_run[0], run_dir)
     path = os.path.join(run_dir, "checkpoint.pt")
-    before = torch.load(path, weights_only=False)
+    before = load_checkpoint(path)
     # Only the new budget is given: every other setting comes from the checkpoint.
     result = run_train("--resume", path, "--total_steps", "2400")
     assert result.returncode == 0, result.stderr[-2000:]
-    after = torch.load(path, weights_only=False)
+    after = load_checkpoint(path)
     assert after["counters"]["env_steps"] == 2400
     assert after["counters"]["updates"] > before["counters"]["updates"]
     assert after["wandb_id"] == before["wandb_id"]
@@ -114,6 +115,9 @@ def test_trainer_restores_optimizer_normaliser_and_counters(tmp_path):
     (["--env", "ALE/Pong-v5", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--env", "ALE/Pong-v5", "--precision", "fp16"], "--precision must be auto, fp32 or bf16"),
     (["--env", "ALE/Pong-v5", "--compile_mode", "fast"], "--compile_mode must be one of"),
+    (["--env", "ALE/Pong-v5", "--max_time", "abc"], "--max_time abc: not a duration"),
+    (["--env", "ALE/Pong-v5", "--max_time", "-5"], "--max_time -5: not a duration"),
+    (["--env", "ALE/Pong-v5", "--max_time", "0"], "--max_time 0: must be positive"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, args, message):
     result = run_train(*args, "--run_dir", str(tmp_path / "run"), timeout=120)
@@ -122,6 +126,13 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
+
+
+def test_resume_auto_without_run_dir_is_one_line_error():
+    result = run_train("--env", "ALE/Pong-v5", "--resume", "auto", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: --resume auto needs --run_dir (the folder whose checkpoint.pt it resumes)"]
 
 
 def test_new_run_never_overwrites_a_checkpoint(tmp_path):
@@ -238,7 +249,7 @@ def test_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "saving checkpoint" in stderr and "Traceback" not in stderr
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["counters"]["env_steps"] > 64 and ckpt["counters"]["updates"] > 0
 
 
