@@ -83,7 +83,11 @@ class Config:
     model_size: str = arg("50m", "model preset: " + ", ".join(SIZES))
     learning_starts: int = arg(1024, "agent steps collected before the first update")
     sticky_actions: float = arg(0.25, "ALE repeat_action_probability (0.25 as in ALE v5)")
-    atari100k: bool = arg(False, "Atari100k preset: 1 env, no sticky actions, 100k steps, train ratio 256")
+    preset: str = arg("", "settings preset: atari100k, cpu (learns within the hour on a few CPU cores) or none "
+                          "(the defaults); flags given explicitly win. Default: cpu when --device auto finds no "
+                          "GPU and no --model_size is given, else none")
+    atari100k: bool = arg(False, "Atari100k preset: 1 env, no sticky actions, 100k steps, train ratio 256 "
+                                 "(the same as --preset atari100k)")
     video_interval: int = arg(100, "write an mp4 of every N-th episode of env 0 (0: never)")
     image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
     log_interval: int = arg(1000, "agent steps between logged training scalars")
@@ -202,15 +206,39 @@ def parse_duration(text):
     return seconds
 
 
-ATARI100K = dict(num_envs=1, sticky_actions=0.0, total_steps=100_000, train_ratio=256.0)
+PRESETS = {
+    "none": {},
+    "atari100k": dict(num_envs=1, sticky_actions=0.0, total_steps=100_000, train_ratio=256.0),
+    # Many small updates per CPU-second (bench/RESULTS.md: RoadRunner learns within an hour on two
+    # cores): the tiny model, batch 8 × 16 steps (with replay context a short window starts from
+    # the stored latent of the step before it), train ratio 64, the learning rates of the CPU
+    # learning tests and a short warm-up.
+    "cpu": dict(model_size="tiny", num_envs=4, batch_size=8, sequence_length=16, train_ratio=64.0,
+                lr=1e-3, actor_lr=3e-4, critic_lr=1e-3, warmup=100, learning_starts=1000,
+                log_interval=2000, checkpoint_interval=20_000),
+}
 
 
 def apply_presets(cfg, given=None):
-    """--atari100k sets its values, except for flags given explicitly on the command line."""
+    """--preset (or --atari100k) sets its values, except for flags given explicitly on the command
+    line. A new run without a preset on a machine without a GPU (--device auto) gets the CPU
+    preset, unless --model_size was given; one line says so."""
     if cfg.atari100k:
-        for key, value in ATARI100K.items():
-            if given is None or key not in given:
-                setattr(cfg, key, value)
+        cfg.preset = cfg.preset or "atari100k"
+    if cfg.preset == "atari100k":
+        cfg.atari100k = True
+    if not cfg.preset and given is not None and "model_size" not in given and cfg.device == "auto" \
+            and not torch.cuda.is_available():
+        cfg.preset = "cpu"
+        if distributed.is_main():
+            print("note: no GPU found, so this run uses --preset cpu (tiny model, 4 envs, batch 8 x 16, train "
+              "ratio 64); give --preset none or --model_size to train another size on the CPU",
+                  file=sys.stderr)
+    if cfg.preset not in PRESETS and cfg.preset:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {cfg.preset}")
+    for key, value in PRESETS.get(cfg.preset, {}).items():
+        if given is None or key not in given:
+            setattr(cfg, key, value)
     return cfg
 
 
@@ -1053,7 +1081,7 @@ def prepare(cfg, given=None):
             for f in dataclasses.fields(Config):
                 if f.name in saved and f.name not in given | {"resume", "resume_wandb_id", "run_dir", "device"}:
                     setattr(cfg, f.name, saved[f.name])
-        for key in ("env", "model_size", "atari100k"):  # atari100k's values are set at the start
+        for key in ("env", "model_size", "atari100k"):  # a preset's values are set at the start
             if saved.get(key, False) != getattr(cfg, key):
                 raise ValueError(f"--resume {cfg.resume}: checkpoint has {key}={saved.get(key)}, "
                                  f"this run asks for {getattr(cfg, key)}")

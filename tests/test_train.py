@@ -260,6 +260,38 @@ def test_atari100k_preset_keeps_explicit_flags():
     assert cfg.train_ratio == 128
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU preset is chosen where there is no GPU")
+def test_without_a_gpu_a_new_run_uses_the_cpu_preset_and_says_so(capsys):
+    cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--num_envs", "8"])
+    train.apply_presets(cfg, given)
+    assert (cfg.preset, cfg.model_size, cfg.batch_size, cfg.sequence_length, cfg.train_ratio) == \
+        ("cpu", "tiny", 8, 16, 64.0)
+    assert cfg.num_envs == 8  # given explicitly
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "--preset cpu" in note and "--preset none" in note
+    for argv in (["--model_size", "12m"], ["--preset", "none"], ["--atari100k"], ["--device", "cpu"]):
+        cfg, given = train.parse_args(["--env", "ALE/Pong-v5", *argv])
+        train.apply_presets(cfg, given)
+        assert cfg.preset != "cpu" and cfg.batch_size == 16, argv
+    assert capsys.readouterr().err == ""
+    cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "atari100k"])
+    assert train.apply_presets(cfg, given).atari100k and cfg.num_envs == 1
+    cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "gpu"])
+    with pytest.raises(ValueError, match="--preset must be one of none, atari100k, cpu"):
+        train.apply_presets(cfg, given)
+
+
+def test_a_resumed_run_keeps_the_preset_it_was_saved_with(tmp_path):
+    cfg = train.apply_presets(train.Config(env="tests.catch:Catch-v0", preset="cpu", run_dir=str(tmp_path),
+                                           wandb_mode="disabled", video_interval=0, image_interval=0, capacity=4000))
+    trainer = train.Trainer(cfg, train.prepare(cfg))
+    trainer.save()
+    trainer.close()
+    cfg2, given = train.parse_args(["--resume", str(tmp_path / "checkpoint.pt")])
+    train.prepare(cfg2, given)
+    assert (cfg2.preset, cfg2.model_size, cfg2.batch_size, cfg2.lr) == ("cpu", "tiny", 8, 1e-3)
+
+
 def bad_path_cases(tmp_path):
     (tmp_path / "afile").write_text("x")
     return {
