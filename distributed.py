@@ -186,7 +186,7 @@ def sync_step(finished, stop, num_envs):
         mine[1 + 3 * i:4 + 3 * i] = torch.tensor([1.0, ret, length], dtype=torch.float64)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     everyone = torch.empty(world_size() * mine.numel(), dtype=torch.float64, device=device)  # flat (gloo)
-    _collective(dist.all_gather_into_tensor, everyone, mine.to(device))
+    _collective(dist.all_gather_single, everyone, mine.to(device))  # all_gather_into_tensor, renamed
     rows = everyone.view(world_size(), -1).cpu().numpy()
     episodes = [(r * num_envs + i, float(row[2 + 3 * i]), int(row[3 + 3 * i]))
                 for r, row in enumerate(rows) for i in range(num_envs) if row[1 + 3 * i]]

@@ -496,11 +496,13 @@ class Trainer:
         self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
         self.elapsed_before = counters.pop("elapsed_s", 0.0)
         self.counters.update(counters)
-        if not distributed.is_main():  # the RNG states are rank 0's; the other ranks keep their seeds
-            return
-        restore_rng(checkpoint.get("rng"))
-        if "replay" in checkpoint.get("rng", {}):
-            self.replay.rng.bit_generator.state = checkpoint["rng"]["replay"]
+        own = saved_rank_state(checkpoint, distributed.rank(), self.ranks)
+        if own is None and distributed.is_main():  # saved by another number of ranks: rank 0 takes
+            own = dict(rng=checkpoint.get("rng"))  # rank 0's RNGs, the others keep their seeds
+        rng = (own or {}).get("rng") or {}
+        restore_rng(rng)
+        if "replay" in rng:
+            self.replay.rng.bit_generator.state = rng["replay"]
 
     def resume_collection(self, checkpoint):
         """The replay (with --save_replay), the envs, the acting state and the episode counters of
@@ -532,15 +534,19 @@ class Trainer:
         else:
             say(f"the checkpoint's replay was saved by {saved_by} process{'es' if saved_by > 1 else ''}, "
                 f"this run has {self.ranks}: every rank starts with an empty replay; {refill}")
-        state = checkpoint.get("collector")
-        if state is None or self.ranks > 1:
-            why = "the checkpoint holds none" if self.ranks == 1 else "not under torchrun"
+        own = saved_rank_state(checkpoint, distributed.rank(), self.ranks)
+        state = None if own is None else own.get("collector")
+        if own is None:
+            why = f"saved by {len(checkpoint['rank_states'])} ranks, this run has {self.ranks}" \
+                if "rank_states" in checkpoint else f"saved by one process, this run has {self.ranks}"
+        elif state is None:
+            why = "the checkpoint holds none (saved under torchrun by an older version)"
         elif len(state["envs"]) != self.cfg.num_envs:
             why = f"saved with {len(state['envs'])} envs, this run has {self.cfg.num_envs}"
         elif not self.collector.set_state(state):
             why = f"{self.cfg.env} has no get_state / set_state"
         else:
-            self.policy.state = tuple(t.to(self.device) for t in checkpoint["policy"])
+            self.policy.state = tuple(t.to(self.device) for t in own["policy"])
             self.env0_episodes = trainer["env0_episodes"]
             self.recent_returns = list(trainer["recent_returns"])
             return
@@ -727,7 +733,9 @@ class Trainer:
                 record = self.replay_files.save()
             except OSError as e:
                 error = e
-        records = all_or_none(record, error)
+        # Every rank's replay record and its own state (RNGs, envs, acting state: kilobytes), in one
+        # exchange; rank 0 writes them all into checkpoint.pt.
+        records, states = zip(*all_or_none((record, self.rank_state()), error))
         error = None
         if distributed.is_main():  # under torchrun rank 0 alone writes the checkpoint
             try:
@@ -737,18 +745,17 @@ class Trainer:
                     "counters": dict(self.counters, update_credit=self.updates_due.credit,
                                      elapsed_s=self.elapsed()),
                     "config": dataclasses.asdict(self.cfg),
-                    "rng": dict(rng_state(), replay=self.replay.rng.bit_generator.state),
                     "wandb_id": self.logger.run_id,
                     "num_actions": self.num_actions,
                     # Rank 0's replay, where a one-process run looks, and every rank's (see
                     # replay_records).
                     "replay": record,
-                    "replay_ranks": records,
-                    # What continues the collection exactly (see resume_collection); under
-                    # torchrun the other ranks' envs are not here, so a resumed job starts new
-                    # episodes.
-                    "collector": self.collector.get_state() if self.ranks == 1 else None,
-                    "policy": tuple(t.cpu() for t in self.policy.state),
+                    "replay_ranks": list(records),
+                    # What continues the collection exactly (see resume_collection): rank 0's
+                    # RNGs, envs and acting state at the top, where a one-process run looks,
+                    # and under torchrun every rank's.
+                    **states[0],
+                    **({"rank_states": list(states)} if self.ranks > 1 else {}),
                     "trainer": dict(replay_steps=self.replay_steps, env0_episodes=self.env0_episodes,
                                     recent_returns=list(self.recent_returns)),
                 })
@@ -758,6 +765,13 @@ class Trainer:
         self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
         if record is not None:
             self.replay_files.commit(record)
+
+    def rank_state(self):
+        """What this rank alone holds and a resume needs (see `saved_rank_state`): its RNG states
+        (python, numpy, torch, CUDA and the replay's sampler), its envs and episodes, and its
+        acting state. Draws no random numbers."""
+        return dict(rng=dict(rng_state(), replay=self.replay.rng.bit_generator.state),
+                    collector=self.collector.get_state(), policy=tuple(t.cpu() for t in self.policy.state))
 
     def save_or_warn(self):
         """The periodic checkpoint: a failed write warns (rank 0), and the next interval tries
@@ -789,6 +803,15 @@ def replay_dir(run_dir, rank=0):
     of a torchrun job in <run_dir>/replay/rank_<r>."""
     path = os.path.join(run_dir, "replay")
     return path if rank == 0 else os.path.join(path, f"rank_{rank}")
+
+
+def saved_rank_state(checkpoint, rank, ranks):
+    """What rank `rank` of a job of `ranks` saved (`Trainer.rank_state`), or None when the
+    checkpoint was saved by another number of ranks. A one-process checkpoint (or one of an older
+    version) holds its one state at the top level."""
+    states = checkpoint.get("rank_states") or [
+        dict(rng=checkpoint.get("rng"), collector=checkpoint.get("collector"), policy=checkpoint.get("policy"))]
+    return states[rank] if len(states) == ranks else None
 
 
 def replay_records(checkpoint):

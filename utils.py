@@ -9,6 +9,7 @@ import pickle
 import sys
 import time
 import warnings
+import zipfile
 
 import imageio.v2 as imageio
 import numpy as np
@@ -131,6 +132,13 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def is_pickle(path):
+    """Whether a file is what torch.save or pickle writes: a zip archive (torch's format) or a
+    pickle stream (its PROTO opcode first)."""
+    with open(path, "rb") as f:
+        return zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"
+
+
 def read_checkpoint(path, mmap=False):
     """The payload of a checkpoint file, loaded safely (weights_only: no code runs) and with its
     numpy values back (`from_safe`). Raises ValueError with one line for a file the safe load
@@ -139,7 +147,10 @@ def read_checkpoint(path, mmap=False):
         with warnings.catch_warnings():  # torch's note on a plain pickle file: the error says it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:  # a global (a class, a function) that is not plain data
+    except pickle.UnpicklingError:
+        if not is_pickle(path):  # junk, not a refused object: the caller's "not readable"
+            raise
+        # A global (a class, a function) that is not plain data: refused, never run.
         raise ValueError(f"{path}: {UNSAFE.format(path=path)}") from None
     return from_safe(payload)
 

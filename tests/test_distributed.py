@@ -2,6 +2,7 @@
 distributed update equal to one update on the whole batch, rank 0 alone writing the run directory
 and every rank its replay, a replay write failing on one rank, resuming in one process and on two
 ranks (each with its own replay), SIGTERM on one rank and a rank that fails."""
+import contextlib
 import json
 import os
 import shutil
@@ -380,3 +381,74 @@ def test_a_capacity_that_fits_one_rank_but_not_two_on_the_machine_is_one_line_er
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "for the 2 ranks on this machine" in errors[0], result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def warnings(stderr):
+    """The run's warning lines, but the one that says it trains on the CPU."""
+    return [line for line in stderr.splitlines() if "warning" in line.lower() and "CUDA not available" not in line]
+
+
+def assert_same_checkpoint(a, b):
+    """Two checkpoints of two-rank runs hold the same weights, optimizer state, counters (but the
+    wall-clock time) and every rank's RNGs, observations and acting state, bit for bit."""
+    a, b = load_checkpoint(str(a)), load_checkpoint(str(b))
+    for name, x in a["agent"].items():
+        assert torch.equal(x, b["agent"][name]), name
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k]["step"] == sb[k]["step"] and torch.equal(sa[k]["nu"], sb[k]["nu"]) and \
+            torch.equal(sa[k]["mu"], sb[k]["mu"]), k
+    counters = [{k: v for k, v in c["counters"].items() if k != "elapsed_s"} for c in (a, b)]
+    assert counters[0] == counters[1] and counters[0]["updates"] > 0
+    assert len(a["rank_states"]) == len(b["rank_states"]) == 2
+    for x, y in zip(a["rank_states"], b["rank_states"]):
+        assert x["rng"]["replay"] == y["rng"]["replay"] and torch.equal(x["rng"]["torch"], y["rng"]["torch"])
+        assert np.array_equal(x["collector"]["obs"], y["collector"]["obs"])
+        assert all(torch.equal(s, t) for s, t in zip(x["policy"], y["policy"]))
+
+
+def test_a_two_rank_run_stopped_and_resumed_ends_bit_for_bit_where_an_unbroken_one_does(two_rank_run, tmp_path):
+    """N = 32 agent steps, then a resume to 2N, against two_rank_run (2N straight): every rank
+    restores its own RNGs, envs, episodes and acting state, so the weights are the same."""
+    run_dir = tmp_path / "run"
+    first = torchrun("--env", "tests.catch:Catch-v0", *TINY, "--total_steps", "32", "--run_dir", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun("--resume", str(run_dir / "checkpoint.pt"), "--total_steps", "64")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not warnings(resumed.stderr), resumed.stderr[-3000:]  # nothing left unrestored
+    assert_same_checkpoint(run_dir / "checkpoint.pt", two_rank_run[0] / "checkpoint.pt")
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (Linux: found through /proc)."""
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{tree[-1]}/task"):
+                with open(f"/proc/{tree[-1]}/task/{task}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks' pids in /proc")
+def test_a_two_rank_job_killed_after_a_checkpoint_resumes_bit_for_bit(two_rank_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun("--env", "tests.catch:Catch-v0", *TINY, "--total_steps", "100000", "--checkpoint_interval",
+                    "32", "--run_dir", str(run_dir), wait=False)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoint.pt").exists():
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint was written"
+            time.sleep(0.1)
+    finally:
+        kill_tree(proc.pid)  # torchrun, both ranks (in sessions of their own) and their env workers
+        proc.communicate()
+    assert load_checkpoint(str(run_dir / "checkpoint.pt"))["counters"]["env_steps"] == 32
+    resumed = torchrun("--resume", str(run_dir / "checkpoint.pt"), "--total_steps", "64", "--checkpoint_interval", "0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not warnings(resumed.stderr), resumed.stderr[-3000:]
+    assert_same_checkpoint(run_dir / "checkpoint.pt", two_rank_run[0] / "checkpoint.pt")
