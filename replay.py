@@ -8,6 +8,7 @@ sampled with the step before it, and training starts from that step's latent and
 
 `ReplayStore` keeps the replay on disk with the run (see its docstring).
 """
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -348,10 +349,10 @@ class ReplayStore:
         tail = f"tail_{end:012d}.npz"
         self.write_steps(tail, start, end)
         latents = None
-        if self.exact:
+        if self.exact:  # the filled positions only: before the ring wraps, [0, filled)
             latents = f"latents_{end:012d}.npz"
-            write_atomic(self.path(latents),
-                         lambda f: np.savez(f, deter=r.data["deter"], stoch=r.data["stoch"]))
+            write_atomic(self.path(latents), lambda f: np.savez(
+                f, deter=r.data["deter"][:, :r.filled], stoch=r.data["stoch"][:, :r.filled]))
         return dict(adds=end, chunk=self.chunk, num_envs=r.num_envs, length=r.length, tail=tail,
                     latents=latents)
 
@@ -371,39 +372,79 @@ class ReplayStore:
         return max(0, record["adds"] - record["length"]) // record["chunk"]
 
     def load(self, record):
-        """Fill the (empty) replay from the files of a checkpoint's record."""
+        """Fill the (empty) replay from the files of a checkpoint's record. A missing, truncated
+        or damaged file is a one-line ValueError naming it."""
         r = self.replay
         if (record["num_envs"], record["length"]) != (r.num_envs, r.length):
             raise ValueError(f"the saved replay has {record['num_envs']} envs of "
                              f"{record['length']} steps, this run {r.num_envs} of {r.length}")
         end, chunk = record["adds"], record["chunk"]
         oldest = max(0, end - r.length)
-        names = [f"chunk_{k:09d}.npz" for k in range(oldest // chunk, end // chunk)]
-        for name in [*names, record["tail"]]:
-            try:
-                with np.load(self.path(name)) as saved:
-                    start = int(saved["start"])
-                    steps = np.arange(start, start + saved["obs"].shape[1])
-                    keep = steps >= oldest
-                    index = steps[keep] % r.length
-                    r.obs[:, index] = saved["obs"][:, keep]
-                    for k in r.data:
-                        if k in saved:  # files of an older version hold no latents
-                            r.data[k][:, index] = saved[k][:, keep]
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"replay file {self.path(name)} is missing or unreadable "
-                                 f"({type(e).__name__})") from None
+        files = [(f"chunk_{k:09d}.npz", max(k * chunk, oldest), (k + 1) * chunk)
+                 for k in range(oldest // chunk, end // chunk)]
+        for name, first, last in [*files, (record["tail"], end - end % chunk, end)]:
+            with self.reading(name) as saved:
+                members = set(saved.files)
+                latents = members & {"deter", "stoch"}  # none in files of an older version
+                if members - latents != {"start", "obs", *Replay.FIELDS} or len(latents) == 1:
+                    raise ValueError(f"holds {sorted(members)}")
+                start = int(saved["start"])
+                obs = checked(saved["obs"], "obs", r.obs, last - start)
+                if not start <= first:  # the file must hold every step of the ring it is for
+                    raise ValueError(f"holds steps {start} to {last - 1}, the ring needs {first} on")
+                steps = np.arange(start, last)
+                keep = steps >= oldest
+                index = steps[keep] % r.length
+                r.obs[:, index] = obs[:, keep]
+                for k in r.data:
+                    if k in members:
+                        r.data[k][:, index] = checked(saved[k], k, r.data[k], last - start)[:, keep]
         if record["latents"] is not None and r.context:  # the ring's latents at the checkpoint
-            with np.load(self.path(record["latents"])) as saved:
-                r.data["deter"][:], r.data["stoch"][:] = saved["deter"], saved["stoch"]
+            filled = min(end, r.length)
+            with self.reading(record["latents"]) as saved:
+                # The filled positions (older versions wrote the whole ring).
+                deter = saved["deter"]
+                steps = deter.shape[1] if deter.ndim == 3 else -1
+                if not filled <= steps <= r.length:
+                    raise ValueError(f"holds latents of {steps} positions, the ring has {filled} filled")
+                r.data["deter"][:, :steps] = checked(deter, "deter", r.data["deter"], steps)
+                r.data["stoch"][:, :steps] = checked(saved["stoch"], "stoch", r.data["stoch"], steps)
         r.adds, r.pos, r.filled = end, end % r.length, min(end, r.length)
         # Chunks a crashed run wrote after this checkpoint are written again as the ring refills.
         self.unwritten = []
+
+    @contextlib.contextmanager
+    def reading(self, name):
+        """np.load of a replay file; any failure to read it (also while its arrays are read, and
+        the checks of `checked`) is a one-line ValueError naming the file."""
+        path = self.path(name)
+        try:
+            with np.load(path) as saved:
+                yield saved
+        except Exception as e:
+            # A damaged .npz raises what its byte happens to break: BadZipFile (truncated, a bad
+            # CRC, a garbled zip header), EOFError, zlib.error, ValueError, SyntaxError or
+            # tokenize.TokenError (a garbled .npy header), MemoryError (a huge shape),
+            # NotImplementedError (a compression method), KeyError, OSError (missing) and more;
+            # all mean the same here. The block reads only this file.
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0]
+            detail = f"{type(e).__name__}: {detail[:120]}" if detail else type(e).__name__
+            raise ValueError(f"replay file {path} is missing or unreadable ({detail})") from None
 
     def disk_bytes(self):
         """Bytes under the folder, with its subfolders (rank 0's holds the other ranks' replays)."""
         return sum(os.path.getsize(os.path.join(folder, name))
                    for folder, _, names in os.walk(self.dir) for name in names)
+
+
+def checked(array, key, ring, steps):
+    """A replay file's array, which must hold `steps` positions of every env of `ring`, with its
+    dtype: a clear message for a file that does not fit (a member read whole has its CRC checked,
+    but one whose damaged .npy header makes it shorter is read only in part)."""
+    expected = (ring.shape[0], steps, *ring.shape[2:])
+    if array.dtype != ring.dtype or array.shape != expected:
+        raise ValueError(f"{key} is {array.dtype} {array.shape}, expected {ring.dtype} {expected}")
+    return array
 
 
 def saves_ring_latents(nbytes, limit=None):

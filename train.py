@@ -25,7 +25,7 @@ from tqdm import tqdm
 import distributed
 import replay
 from env import Collector, check_env, make_env, make_vector_env
-from evaluate import describe, evaluate, write_report
+from evaluate import describe, evaluate, summary, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
 from replay import CHUNK_STEPS, Loader, Replay, ReplayStore
 from utils import (
@@ -92,6 +92,9 @@ class Config:
     image_interval: int = arg(2000, "updates between reconstruction / open-loop panels (0: never)")
     log_interval: int = arg(1000, "agent steps between logged training scalars")
     checkpoint_interval: int = arg(50_000, "agent steps between checkpoints (also written at the end and on Ctrl-C)")
+    keep_checkpoints: int = arg(0, "also keep the weights (and return normaliser) of the last N checkpoints as "
+                                   "checkpoint_<step>.pt, small files for evaluation only (bench/eval_curve.py); "
+                                   "0: none")
     max_time: str = arg("", "wall-clock budget, e.g. 3h50m, 90m, 45s or seconds (5400), counted over all the "
                             "jobs of a resumed run: once spent, the run saves its checkpoint and stops (empty: none)")
     eval_interval: int = arg(0, "agent steps between evaluations during training, logged as eval/return and "
@@ -159,7 +162,7 @@ def check_config(cfg):
         if not 0 < getattr(cfg, name) <= 1:
             raise ValueError(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
     for name in ["video_interval", "image_interval", "log_interval", "checkpoint_interval",
-                 "learning_starts", "warmup", "eval_interval"]:
+                 "keep_checkpoints", "learning_starts", "warmup", "eval_interval"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
@@ -765,6 +768,23 @@ class Trainer:
         self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
         if record is not None:
             self.replay_files.commit(record)
+        if distributed.is_main() and self.cfg.keep_checkpoints:
+            self.keep_snapshot()
+
+    def keep_snapshot(self):
+        """--keep_checkpoints: checkpoint_<step>.pt with what evaluating it needs (weights,
+        return normaliser, config, counters), written after checkpoint.pt; then the snapshots
+        older than the last N are deleted. A failed write warns: checkpoint.pt is written."""
+        step = self.counters["env_steps"]
+        path = os.path.join(self.cfg.run_dir, f"checkpoint_{step:09d}.pt")
+        try:
+            save_checkpoint(path, {"snapshot": True, "agent": self.agent.state_dict(),
+                                   "config": dataclasses.asdict(self.cfg), "counters": dict(self.counters),
+                                   "num_actions": self.num_actions})
+            for _, old in snapshots(self.cfg.run_dir)[:-self.cfg.keep_checkpoints]:
+                os.unlink(old)
+        except OSError as e:
+            warn(f"could not write {path} ({e.strerror or e}); checkpoint.pt is written, training continues")
 
     def rank_state(self):
         """What this rank alone holds and a resume needs (see `saved_rank_state`): its RNG states
@@ -1054,6 +1074,14 @@ def train(trainer):
     return trainer
 
 
+def snapshots(run_dir):
+    """[(agent steps, path)] of the checkpoint_<step>.pt snapshots of a run (--keep_checkpoints),
+    oldest first."""
+    found = [(int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
+             if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", name))]
+    return sorted(found)
+
+
 def eval_seed(cfg):
     """Evaluation envs are seeded apart from the training envs, the same way at every evaluation."""
     return cfg.seed + 100_000
@@ -1065,9 +1093,10 @@ def evaluation_only(cfg, given):
     return bool(cfg.resume) and "eval_episodes" in (given or ()) and "eval_interval" not in given
 
 
-def evaluate_checkpoint(cfg, checkpoint):
+def evaluate_checkpoint(cfg, checkpoint, report=True):
     """The checkpoint's agent plays --eval_episodes episodes on fresh envs with the run's settings
-    (sticky actions, ...); writes eval_<step>.json and eval_<step>.mp4 (the best episode)."""
+    (sticky actions, ...); writes eval_<step>.json and eval_<step>.mp4 (the best episode), or with
+    `report` False writes nothing. Returns the evaluation's record (see evaluate.summary)."""
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     num_actions = checkpoint.get("num_actions")
@@ -1079,7 +1108,9 @@ def evaluate_checkpoint(cfg, checkpoint):
     load_weights(cfg, checkpoint, agent)
     step = checkpoint["counters"].get("env_steps", 0)
     result = evaluate(agent, cfg.env, cfg.eval_episodes, cfg.eval_envs, eval_seed(cfg),
-                      cfg.sticky_actions, cfg.eval_greedy, video=True, progress=True)
+                      cfg.sticky_actions, cfg.eval_greedy, video=report, progress=True)
+    if not report:
+        return summary(result, cfg.env, step, cfg.eval_greedy, eval_seed(cfg))
     return write_report(result, cfg.run_dir, cfg.env, step, cfg.eval_greedy, eval_seed(cfg))
 
 
@@ -1096,7 +1127,7 @@ def prepare(cfg, given=None):
         existing = os.path.join(cfg.run_dir, "checkpoint.pt")
         cfg.resume = existing if os.path.exists(existing) else ""
     if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume)
+        checkpoint = load_checkpoint(cfg.resume, evaluation=evaluation_only(cfg, given))
         saved = checkpoint["config"]
         if given is not None:
             # The machine that resumes chooses the device: a run saved on a GPU goes on on the CPU
@@ -1197,6 +1228,14 @@ def checkpoint_bytes(cfg, num_actions=18):
     return 4 * 3 * params
 
 
+def snapshot_bytes(cfg, num_actions=18):
+    """Size of a checkpoint_<step>.pt of --keep_checkpoints: the float32 weights (with the slow
+    critic) and the normaliser, plus a little for the config and the file's own structure."""
+    with torch.device("meta"):
+        agent = Dreamer(num_actions, **SIZES[cfg.model_size])
+    return sum(t.numel() * t.element_size() for t in agent.state_dict().values()) + 2**16
+
+
 def replay_disk_bytes(cfg):
     """Disk used by --save_replay at most: the steps (frames, fields, latents) of the capacity,
     plus those stored since the last checkpoint (the ring's overwritten chunks are deleted after
@@ -1212,8 +1251,10 @@ def replay_disk_bytes(cfg):
 
 def warn_if_disk_too_small(cfg):
     """One warning when the free space where the run writes is clearly too small: a checkpoint is
-    written next to the previous one before it replaces it, so two must fit, with the replay."""
-    need = 2 * checkpoint_bytes(cfg) + distributed.world_size() * replay_disk_bytes(cfg)  # a replay per rank
+    written next to the previous one before it replaces it, so two must fit, with the replay and
+    the snapshots of --keep_checkpoints (N, and the new one before the oldest is deleted)."""
+    kept = (cfg.keep_checkpoints + 1) * snapshot_bytes(cfg) if cfg.keep_checkpoints else 0
+    need = 2 * checkpoint_bytes(cfg) + kept + distributed.world_size() * replay_disk_bytes(cfg)  # a replay per rank
     free = shutil.disk_usage(nearest_existing(cfg.run_dir)).free
     if free < need and distributed.is_main():
         warn(f"only {free / 2**30:.2f} GiB free where --run_dir {cfg.run_dir} writes; its "

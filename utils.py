@@ -155,8 +155,9 @@ def read_checkpoint(path, mmap=False):
     return from_safe(payload)
 
 
-def load_checkpoint(path):
-    """Load a checkpoint dict, or raise ValueError with one line saying what is wrong."""
+def load_checkpoint(path, evaluation=False):
+    """Load a checkpoint dict, or raise ValueError with one line saying what is wrong. A snapshot
+    of --keep_checkpoints (weights only) is accepted only for `evaluation`."""
     if not os.path.isfile(path):
         raise ValueError(f"--resume {path}: no such checkpoint file")
     if not os.access(path, os.R_OK):
@@ -167,7 +168,13 @@ def load_checkpoint(path):
         raise ValueError(f"--resume {e}") from None
     except Exception as e:  # truncated or not a torch file
         raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    missing = {"agent", "optimizer", "counters", "config"} - set(payload if isinstance(payload, dict) else ())
+    keys = set(payload if isinstance(payload, dict) else ())
+    if "snapshot" in keys and not evaluation:
+        folder = os.path.dirname(path) or "."
+        raise ValueError(f"--resume {path}: a snapshot for evaluation only (weights, no optimizer or replay): "
+                         f"evaluate it with --eval_episodes N, or resume training from "
+                         f"{os.path.join(folder, 'checkpoint.pt')}")
+    missing = {"agent", "counters", "config", *(() if evaluation else ("optimizer",))} - keys
     if missing:
         raise ValueError(f"--resume {path}: not a checkpoint of this program (missing {sorted(missing)})")
     return payload

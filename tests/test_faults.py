@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,6 +168,55 @@ def test_max_time_stops_the_run_and_counts_the_time_of_every_job(tmp_path):
     # time/elapsed is logged as the total over both jobs.
     elapsed = [r["time/elapsed"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "time/elapsed" in r]
     assert elapsed == sorted(elapsed) and elapsed[0] < 3 and 5 < elapsed[-1] <= second
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files
+
+
+@pytest.fixture(scope="module")
+def run_with_replay(tmp_path_factory):
+    """A tiny Catch run whose ring has wrapped: its checkpoint needs chunk 0, a tail and the
+    ring's latents."""
+    run_dir = tmp_path_factory.mktemp("replay")
+    proc = start(run_dir, *FAST, *NO_UPDATES, "--capacity", "100", "--total_steps", "140",
+                 "--run_dir", str(run_dir))
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("name,damage", [("chunk_000000000.npz", "truncated"),
+                                         ("chunk_000000000.npz", "changed in the middle"),
+                                         ("latents", "changed in the middle")])
+def test_resume_with_a_damaged_replay_file_is_a_one_line_error(run_with_replay, tmp_path, name, damage):
+    """As for a missing file: the resume stops with one line naming the file (exit 2), and
+    --no-save_replay is the way to go on without it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_with_replay, run_dir, ignore=shutil.ignore_patterns("*.err", ".lock"))
+    if name == "latents":
+        name = load_checkpoint(str(run_dir / "checkpoint.pt"))["replay"]["latents"]
+    path = run_dir / "replay" / name
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    proc = start(tmp_path, "--resume", str(run_dir / "checkpoint.pt"), "--total_steps", "160")
+    code, stderr = finish(proc)
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    errors = error_lines(stderr)
+    assert len(errors) == 1, stderr[-2000:]
+    assert errors[0].startswith(f"error: --resume {run_dir / 'checkpoint.pt'}: replay file {path} is "
+                                f"missing or unreadable (BadZipFile: "), errors[0]
+    assert errors[0].endswith("; add --no-save_replay to resume with an empty replay")
+    if damage == "changed in the middle":
+        return
+    proc = start(tmp_path, "--resume", str(run_dir / "checkpoint.pt"), "--total_steps", "160",
+                 "--no-save_replay", name="without")
+    code, stderr = finish(proc)
+    assert code == 0, stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

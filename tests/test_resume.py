@@ -32,7 +32,7 @@ def fill(replay, steps, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         e = replay.num_envs
-        replay.add(rng.integers(0, 256, (e, 64, 64, 3), np.uint8), action=rng.integers(0, 4, e),
+        replay.add(rng.integers(0, 256, (e, *replay.obs.shape[2:]), np.uint8), action=rng.integers(0, 4, e),
                    reward=rng.normal(size=e).astype(np.float32), is_first=rng.random(e) < 0.1,
                    is_last=rng.random(e) < 0.1, is_terminal=rng.random(e) < 0.05,
                    **({"deter": rng.normal(size=(e, 16)).astype(np.float32),
@@ -211,3 +211,93 @@ def test_missing_replay_file_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match=r"^--resume .*checkpoint.pt: replay file .*tail_000000000004.npz "
                                          r"is missing or unreadable .*; add --no-save_replay"):
         train.Trainer(cfg, train.prepare(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# What is on disk is checked before it is trusted
+
+
+def small_saved_replay(tmp_path):
+    """A wrapped ring of 8 steps per env on disk: chunk 0 (adds 0..7, of which 4..7 are still in
+    the ring), the tail (8..11) and the ring's latents; 4×4 frames keep the files small."""
+    replay = Replay(16, 2, obs_shape=(4, 4, 3), latent=(16, 32))
+    store = ReplayStore(str(tmp_path), replay, chunk_steps=16)
+    for _ in fill(replay, 12):
+        store.after_add()
+    record = store.save()
+    store.commit(record)
+    return replay, record
+
+
+def damaged_positions(path, rng, n=300):
+    """(offset, bit) pairs worth changing in an .npz: every digit of the .npy headers (a shape
+    (2, 8, ...) read as (2, 0, ...) is never read to the end, so its CRC is never checked), and
+    `n` of the bytes of the members' zip headers, the central directory and the data."""
+    import zipfile
+
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        starts = [m.header_offset for m in z.infolist()]
+        directory = z.start_dir
+    headers = [p for s in starts for p in range(s, s + 30 + 16 + 128)]  # zip header, name, .npy header
+    digits = [(p, 0x08) for p in headers if data[p:p + 1].isdigit()]  # "8" ^ 0x08 is "0"
+    others = [*headers, *range(directory, len(data)), *rng.integers(0, len(data), n // 10).tolist()]
+    chosen = rng.choice(len(others), min(n, len(others)), replace=False)
+    return digits + [(others[i], 0x01) for i in chosen]
+
+
+def test_a_changed_byte_anywhere_in_a_replay_file_is_refused_or_harmless(tmp_path):
+    """Bytes of the zip and .npy headers and of the data, changed one at a time: loading the
+    replay either refuses with one line naming the file, or (a byte the zip reader never uses,
+    e.g. a timestamp) gives the ring exactly as it was saved. A changed data byte is caught by the
+    member's CRC, a shortened .npy shape by the checks of what the file holds."""
+    saved, record = small_saved_replay(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("chunk_000000000.npz", record["latents"]):
+        path = tmp_path / name
+        original = path.read_bytes()
+        refused = 0
+        for position, bit in damaged_positions(path, rng):
+            damaged = bytearray(original)
+            damaged[position] ^= bit
+            path.write_bytes(bytes(damaged))
+            loaded = Replay(16, 2, obs_shape=(4, 4, 3), latent=(16, 32))
+            try:
+                ReplayStore(str(tmp_path), loaded).load(record)
+            except ValueError as e:
+                assert str(e).startswith(f"replay file {path} is missing or unreadable ("), str(e)
+                assert "\n" not in str(e)
+                refused += 1
+                continue
+            assert_same_replay(loaded, saved)
+        path.write_bytes(original)
+        assert refused > 100, name
+
+
+@pytest.mark.parametrize("damage", ["truncated", "changed in the middle"])
+def test_a_damaged_chunk_is_refused(tmp_path, damage):
+    saved, record = small_saved_replay(tmp_path)
+    path = tmp_path / "chunk_000000000.npz"
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0xFF  # in the frames: only the CRC tells
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"chunk_000000000.npz is missing or unreadable \(BadZipFile"):
+        ReplayStore(str(tmp_path), Replay(16, 2, obs_shape=(4, 4, 3), latent=(16, 32))).load(record)
+
+
+def test_checkpoint_writes_the_latents_of_the_filled_steps_only(tmp_path):
+    """A short run with a large replay: the latents file holds the filled positions, not the
+    whole preallocated ring (a 300-step tiny run wrote 288 MB of them at 1M capacity)."""
+    trainer = run(tmp_path, 40, capacity=20_000, **NO_UPDATES)
+    record = load_checkpoint(str(tmp_path / "checkpoint.pt"))["replay"]
+    assert record["adds"] == trainer.replay.filled == 20
+    latent_bytes = 2 * 128 + 32  # tiny: deter 128 in bfloat16, 32 classes
+    size = os.path.getsize(tmp_path / "replay" / record["latents"])
+    filled = 2 * 20 * latent_bytes  # 2 envs
+    assert filled <= size < filled + 2048, size  # the ring would be 20,000 × 288 B = 5.8 MB
+    loaded = Replay(20_000, 2, latent=train.replay_latent(trainer.cfg))
+    ReplayStore(str(tmp_path / "replay"), loaded).load(record)
+    assert_same_replay(loaded, trainer.replay)
