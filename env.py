@@ -96,7 +96,7 @@ class SavesState:
         elif hasattr(base, "ale"):
             # include_rng: sticky actions draw from the emulator's RNG; the env's own np_random
             # draws the no-op starts (the wrapper's np_random is the base env's). The emulator
-            # state as bytes: a checkpoint holds data only (see utils.to_safe).
+            # state as bytes: a checkpoint holds data only (see run_state.to_safe).
             core = dict(ale=base.ale.cloneState(include_rng=True).serialize(),
                         np_random=base.np_random.bit_generator.state)
         else:

@@ -28,21 +28,8 @@ from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, summary, write_report
 from model import AgentPolicy, Dreamer, LaProp, openloop
 from replay import CHUNK_STEPS, Loader, Replay, ReplayStore
-from utils import (
-    Logger,
-    keep_freed_memory,
-    load_checkpoint,
-    lock_run_dir,
-    panels,
-    read_checkpoint,
-    save_checkpoint,
-    to_safe,
-    warn,
-    write_atomic,
-    write_image,
-    write_media,
-    write_video,
-)
+from run_state import RunState, convert_checkpoint, load_checkpoint, load_weights, replay_dir, replay_records
+from utils import Logger, keep_freed_memory, lock_run_dir, panels, warn, write_image, write_media, write_video
 
 SIZES = {  # --model_size presets (stoch is always 32 latents)
     "tiny": dict(deter=128, hidden=64, classes=8, depth=8, units=64),
@@ -59,6 +46,8 @@ def arg(default, help):
 
 
 @dataclass
+
+
 class Config:
     env: str = arg("", "gymnasium id, e.g. ALE/Pong-v5 (any ALE game; also module:EnvId ids); required unless --resume")
     num_envs: int = arg(16, "number of parallel environments (AsyncVectorEnv workers)")
@@ -333,6 +322,7 @@ class PhaseTimer:
         self.seconds, self.inner, self.events = {}, [], []
 
     @contextlib.contextmanager
+
     def phase(self, name):
         events = None
         if self.cuda and name == "update":
@@ -401,8 +391,9 @@ def set_up_device(device, precision="auto"):
     keep_freed_memory()  # large activations reuse freed memory instead of fresh pages
 
 
-class Trainer:
-    """Holds the run's state: envs, agent, optimizer, replay, counters, logger."""
+class Trainer(RunState):
+    """Holds the run's state: envs, agent, optimizer, replay, counters, logger. What saves and
+    restores it (checkpoint, snapshots, resume) is in run_state.RunState."""
 
     def __init__(self, cfg, checkpoint=None):
         # --max_time counts from here (a resumed replay's loading counts), plus the earlier jobs'.
@@ -488,72 +479,9 @@ class Trainer:
         self.since_log = (time.time(), step, self.counters["updates"])
 
     @property
+
     def envs(self):  # the collector's: it replaces the vector env when a worker dies
         return self.collector.envs
-
-    def restore(self, checkpoint):
-        """Agent, optimizer, counters and RNG states of a checkpoint (from `load_checkpoint`)."""
-        load_weights(self.cfg, checkpoint, self.agent, self.opt)
-        counters = dict(checkpoint["counters"])
-        # The update credit was called train_acc in checkpoints of earlier versions.
-        self.updates_due.credit = counters.pop("update_credit", counters.pop("train_acc", 0.0))
-        self.elapsed_before = counters.pop("elapsed_s", 0.0)
-        self.counters.update(counters)
-        own = saved_rank_state(checkpoint, distributed.rank(), self.ranks)
-        if own is None and distributed.is_main():  # saved by another number of ranks: rank 0 takes
-            own = dict(rng=checkpoint.get("rng"))  # rank 0's RNGs, the others keep their seeds
-        rng = (own or {}).get("rng") or {}
-        restore_rng(rng)
-        if "replay" in rng:
-            self.replay.rng.bit_generator.state = rng["replay"]
-
-    def resume_collection(self, checkpoint):
-        """The replay (with --save_replay), the envs, the acting state and the episode counters of
-        a checkpoint, so that the run goes on as if it had never stopped; what cannot be restored
-        is said in one warning line each (by rank 0 under torchrun)."""
-        say = warn if distributed.is_main() else (lambda message: None)
-        refill = f"the resumed run collects --learning_starts {self.cfg.learning_starts} agent steps " \
-                 f"before it trains again"
-        records, trainer = replay_records(checkpoint), checkpoint.get("trainer", {})
-        saved_by = len(records)
-        # Rank r loads the replay that rank r saved. Every rank loads or none does: the ranks
-        # update in lock step, which needs the same amount of replay on all of them.
-        if self.replay_files is not None and records[0] is not None and self.ranks <= saved_by:
-            try:
-                self.replay_files.load(records[distributed.rank()])
-            except ValueError as e:
-                raise ValueError(f"--resume {self.cfg.resume}: {e}; add --no-save_replay to resume "
-                                 f"with an empty replay") from None
-            self.replay_steps = trainer["replay_steps"]
-            if self.ranks < saved_by:
-                which = "rank 0's" if self.ranks == 1 else f"those of ranks 0 to {self.ranks - 1}"
-                say(f"the checkpoint's replay was saved by {saved_by} ranks; this run of {self.ranks} "
-                    f"loads {which}")
-        elif not self.cfg.save_replay:
-            say(f"--no-save_replay: the replay starts empty; {refill}")
-        elif records[0] is None:
-            say(f"the checkpoint holds no replay (saved with --no-save_replay, or under torchrun by an "
-                f"older version); {refill}")
-        else:
-            say(f"the checkpoint's replay was saved by {saved_by} process{'es' if saved_by > 1 else ''}, "
-                f"this run has {self.ranks}: every rank starts with an empty replay; {refill}")
-        own = saved_rank_state(checkpoint, distributed.rank(), self.ranks)
-        state = None if own is None else own.get("collector")
-        if own is None:
-            why = f"saved by {len(checkpoint['rank_states'])} ranks, this run has {self.ranks}" \
-                if "rank_states" in checkpoint else f"saved by one process, this run has {self.ranks}"
-        elif state is None:
-            why = "the checkpoint holds none (saved under torchrun by an older version)"
-        elif len(state["envs"]) != self.cfg.num_envs:
-            why = f"saved with {len(state['envs'])} envs, this run has {self.cfg.num_envs}"
-        elif not self.collector.set_state(state):
-            why = f"{self.cfg.env} has no get_state / set_state"
-        else:
-            self.policy.state = tuple(t.to(self.device) for t in own["policy"])
-            self.env0_episodes = trainer["env0_episodes"]
-            self.recent_returns = list(trainer["recent_returns"])
-            return
-        say(f"the env states were not restored ({why}): every env starts a new episode")
 
     def elapsed(self):
         """Wall-clock seconds the run has spent, over all its jobs (what --max_time counts)."""
@@ -720,124 +648,12 @@ class Trainer:
         self.logger.scalars(step, metrics)
         return record
 
-    def save(self):
-        """Write checkpoint.pt (after the replay's tail, which it names). Raises OSError (e.g.
-        disk full) with the previous one intact. Draws no random numbers: a run that saves goes
-        on exactly as one that does not.
-
-        Under torchrun (call it on every rank): every rank writes its replay's tail, rank 0
-        writes the checkpoint with every rank's replay record, and only then does every rank
-        delete the replay files that the previous checkpoint needed. A failure on any rank
-        raises OSError on every rank, and then no rank deletes anything."""
-        record, error = None, None
-        self.batches.flush()
-        if self.replay_files is not None:
-            try:
-                record = self.replay_files.save()
-            except OSError as e:
-                error = e
-        # Every rank's replay record and its own state (RNGs, envs, acting state: kilobytes), in one
-        # exchange; rank 0 writes them all into checkpoint.pt.
-        records, states = zip(*all_or_none((record, self.rank_state()), error))
-        error = None
-        if distributed.is_main():  # under torchrun rank 0 alone writes the checkpoint
-            try:
-                save_checkpoint(os.path.join(self.cfg.run_dir, "checkpoint.pt"), {
-                    "agent": self.agent.state_dict(),
-                    "optimizer": self.opt.state_dict(),
-                    "counters": dict(self.counters, update_credit=self.updates_due.credit,
-                                     elapsed_s=self.elapsed()),
-                    "config": dataclasses.asdict(self.cfg),
-                    "wandb_id": self.logger.run_id,
-                    "num_actions": self.num_actions,
-                    # Rank 0's replay, where a one-process run looks, and every rank's (see
-                    # replay_records).
-                    "replay": record,
-                    "replay_ranks": list(records),
-                    # What continues the collection exactly (see resume_collection): rank 0's
-                    # RNGs, envs and acting state at the top, where a one-process run looks,
-                    # and under torchrun every rank's.
-                    **states[0],
-                    **({"rank_states": list(states)} if self.ranks > 1 else {}),
-                    "trainer": dict(replay_steps=self.replay_steps, env0_episodes=self.env0_episodes,
-                                    recent_returns=list(self.recent_returns)),
-                })
-            except OSError as e:
-                error = e
-        all_or_none(None, error)  # the other ranks wait for the checkpoint before they commit
-        self.checkpoint_due.last = self.saved_step = self.counters["env_steps"]
-        if record is not None:
-            self.replay_files.commit(record)
-        if distributed.is_main() and self.cfg.keep_checkpoints:
-            self.keep_snapshot()
-
-    def keep_snapshot(self):
-        """--keep_checkpoints: checkpoint_<step>.pt with what evaluating it needs (weights,
-        return normaliser, config, counters), written after checkpoint.pt; then the snapshots
-        older than the last N are deleted. A failed write warns: checkpoint.pt is written."""
-        step = self.counters["env_steps"]
-        path = os.path.join(self.cfg.run_dir, f"checkpoint_{step:09d}.pt")
-        try:
-            save_checkpoint(path, {"snapshot": True, "agent": self.agent.state_dict(),
-                                   "config": dataclasses.asdict(self.cfg), "counters": dict(self.counters),
-                                   "num_actions": self.num_actions})
-            for _, old in snapshots(self.cfg.run_dir)[:-self.cfg.keep_checkpoints]:
-                os.unlink(old)
-        except OSError as e:
-            warn(f"could not write {path} ({e.strerror or e}); checkpoint.pt is written, training continues")
-
-    def rank_state(self):
-        """What this rank alone holds and a resume needs (see `saved_rank_state`): its RNG states
-        (python, numpy, torch, CUDA and the replay's sampler), its envs and episodes, and its
-        acting state. Draws no random numbers."""
-        return dict(rng=dict(rng_state(), replay=self.replay.rng.bit_generator.state),
-                    collector=self.collector.get_state(), policy=tuple(t.cpu() for t in self.policy.state))
-
-    def save_or_warn(self):
-        """The periodic checkpoint: a failed write warns (rank 0), and the next interval tries
-        again."""
-        try:
-            self.save()
-        except OSError as e:
-            if distributed.is_main():
-                warn(f"could not write the checkpoint at step {self.counters['env_steps']} "
-                     f"({e.strerror or e}); {self.kept()}; training continues and retries in "
-                     f"{self.cfg.checkpoint_interval} steps")
-
-    def kept(self):
-        """What a failure leaves on disk, for its message."""
-        if self.saved_step is None:
-            return "no checkpoint was written"
-        return f"the checkpoint of step {self.saved_step} is kept"
-
     def close(self):
         self.batches.close()
         self.envs.close()
         self.logger.close()
         if self.lock is not None:
             self.lock.close()  # releases the run directory
-
-
-def replay_dir(run_dir, rank=0):
-    """Where a rank keeps its replay: rank 0 (and a one-process run) in <run_dir>/replay, rank r
-    of a torchrun job in <run_dir>/replay/rank_<r>."""
-    path = os.path.join(run_dir, "replay")
-    return path if rank == 0 else os.path.join(path, f"rank_{rank}")
-
-
-def saved_rank_state(checkpoint, rank, ranks):
-    """What rank `rank` of a job of `ranks` saved (`Trainer.rank_state`), or None when the
-    checkpoint was saved by another number of ranks. A one-process checkpoint (or one of an older
-    version) holds its one state at the top level."""
-    states = checkpoint.get("rank_states") or [
-        dict(rng=checkpoint.get("rng"), collector=checkpoint.get("collector"), policy=checkpoint.get("policy"))]
-    return states[rank] if len(states) == ranks else None
-
-
-def replay_records(checkpoint):
-    """The replay record of every rank that saved the checkpoint, [None] without a replay. A
-    one-process checkpoint, or one of a version before "replay_ranks", has its one "replay"."""
-    return checkpoint.get("replay_ranks") or [checkpoint.get("replay")]
 
 
 def one_line(error, path=None):
@@ -867,20 +683,6 @@ def with_every_rank(step):
         raise ValueError(failed[0])
 
 
-def all_or_none(value, error):
-    """A step of a checkpoint, done on every rank: `value` of every rank, or OSError on every rank
-    when it failed with `error` (an OSError) on any (its own on the failing rank, the first
-    failure's errno and message, naming the rank, on the others)."""
-    failure = None if error is None else (error.errno, error.strerror or str(error))
-    outcomes = distributed.gather_objects((value, failure))
-    if error is not None:
-        raise error
-    for rank, (_, failure) in enumerate(outcomes):
-        if failure is not None:
-            raise OSError(failure[0], f"rank {rank}: {failure[1]}")
-    return [v for v, _ in outcomes]
-
-
 def replay_latent(cfg):
     """(deter, stoch) sizes of the latent the replay keeps per step, or None without context."""
     return (SIZES[cfg.model_size]["deter"], 32) if cfg.replay_context else None
@@ -904,19 +706,6 @@ def compile_agent(agent, opt, mode=None):
     a compiled step would bake in (a new graph every update)."""
     agent.compile_steps(dynamic=False, mode=mode)
     return agent, opt
-
-
-def load_weights(cfg, checkpoint, agent, opt=None):
-    """The agent's (and optimizer's) state from a checkpoint, or a one-line ValueError."""
-    try:
-        agent.load_state_dict(checkpoint["agent"])
-        if opt is not None:
-            opt.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if not line.startswith("Error(s)")), "")[:100]
-        raise ValueError(f"--resume {cfg.resume}: its weights do not fit this program's "
-                         f"{cfg.model_size} model ({type(e).__name__}: {detail})") from None
 
 
 def window_start(batch):
@@ -972,23 +761,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state):
-    if not state:
-        return
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 class StopFlag:
@@ -1074,14 +846,6 @@ def train(trainer):
     return trainer
 
 
-def snapshots(run_dir):
-    """[(agent steps, path)] of the checkpoint_<step>.pt snapshots of a run (--keep_checkpoints),
-    oldest first."""
-    found = [(int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
-             if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", name))]
-    return sorted(found)
-
-
 def eval_seed(cfg):
     """Evaluation envs are seeded apart from the training envs, the same way at every evaluation."""
     return cfg.seed + 100_000
@@ -1163,40 +927,6 @@ def prepare(cfg, given=None):
                          f"--resume {existing} or choose another --run_dir")
     warn_if_disk_too_small(cfg)
     return checkpoint  # the run directory is made by the Logger, once every check has passed
-
-
-def convert_checkpoint(path):
-    """--convert_checkpoint: rewrite a checkpoint of an earlier version (numpy arrays and ALE
-    states inside, which a safe load refuses) in safe types, keeping the original as PATH.bak.
-    The one place where a checkpoint is loaded with weights_only=False, as its code could run:
-    the user vouches for the file by asking. Returns the line to print."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--convert_checkpoint {path}: no such file")
-    try:
-        read_checkpoint(path)
-        return f"{path} is already a safe checkpoint; nothing to convert"
-    except ValueError:  # refused by the safe load: convert it below
-        pass
-    except Exception as e:
-        raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
-    missing = {"agent", "optimizer", "counters", "config"} - set(payload if isinstance(payload, dict) else ())
-    if missing:
-        raise ValueError(f"--convert_checkpoint {path}: not a checkpoint of this program (missing {sorted(missing)})")
-    for state in (payload.get("collector") or {}).get("envs", []):
-        core = (state or {}).get("core")
-        if isinstance(core, dict) and "ale" in core and not isinstance(core["ale"], bytes):
-            core["ale"] = core["ale"].serialize()  # earlier versions kept the ALEState object
-    try:
-        safe = to_safe(payload)
-    except TypeError as e:
-        raise ValueError(f"--convert_checkpoint {path}: {e}") from None
-    shutil.copy2(path, f"{path}.bak")
-    write_atomic(path, lambda f: torch.save(safe, f))
-    return f"converted {path} to safe types; the original is kept as {path}.bak"
 
 
 def nearest_existing(path):

@@ -1,19 +1,16 @@
-"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, checkpoint I/O, the
-run directory's lock, and the CPU allocator setting (`keep_freed_memory`)."""
+"""Logging (metrics.jsonl + wandb), videos, reconstruction / open-loop panels, atomic file writes,
+the run directory's lock, and the CPU allocator setting (`keep_freed_memory`)."""
 import contextlib
 import ctypes
 import fcntl
 import json
 import os
-import pickle
 import sys
 import time
 import warnings
-import zipfile
 
 import imageio.v2 as imageio
 import numpy as np
-import torch
 from tqdm import tqdm
 
 
@@ -46,61 +43,6 @@ def keep_freed_memory():
 # Checkpoints
 
 
-# A checkpoint is data, never code: it holds only what torch.load(weights_only=True) accepts
-# (tensors, numbers, strings, bytes, None, lists, tuples, dicts), so that loading a checkpoint.pt
-# someone hands you cannot run anything. numpy arrays and scalars (RNG states, the collector's
-# observations and episode flags) are stored as tensors tagged with NUMPY, and come back as numpy
-# with the dtype they had: resume stays bit-exact.
-NUMPY = "__numpy__"  # {NUMPY: tensor} is a numpy array, {NUMPY: tensor, "scalar": True} a scalar
-
-# What the safe load says about a file that is not made of the types above.
-UNSAFE = ("holds objects a safe load refuses (an older version's checkpoint, or not a checkpoint); "
-          "if you trust it, convert it once with: python train.py --convert_checkpoint {path}")
-
-
-def to_safe(obj):
-    """`obj` with every numpy array and scalar replaced by its tagged tensor (the rest as it is).
-    Raises TypeError for anything a safe load would refuse."""
-    if isinstance(obj, np.generic):  # before the Python types: np.float64 is a float
-        return {NUMPY: torch.from_numpy(np.array(obj)), "scalar": True}
-    if isinstance(obj, np.ndarray):
-        return {NUMPY: torch.from_numpy(obj.copy())}  # a copy: the array goes on changing
-    if isinstance(obj, (dict, list, tuple)):
-        return _walk(obj, to_safe)
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.dtype,
-                                       torch.device)):
-        return obj
-    raise TypeError(f"a checkpoint holds data only, not {type(obj).__name__}")
-
-
-def from_safe(obj):
-    """The inverse of `to_safe`: tagged tensors back to numpy arrays and scalars."""
-    if isinstance(obj, dict) and NUMPY in obj:
-        array = obj[NUMPY].numpy()
-        return array[()] if obj.get("scalar") else array  # array[()] of a 0-d array: its scalar
-    if isinstance(obj, (dict, list, tuple)):
-        return _walk(obj, from_safe)
-    return obj
-
-
-def _walk(obj, fn):
-    """`fn` applied to the values of a dict, list or tuple; `obj` itself when nothing changed
-    (a state dict keeps its OrderedDict and the `_metadata` that load_state_dict reads)."""
-    items = list(obj.items() if isinstance(obj, dict) else enumerate(obj))
-    new = [(k, fn(v)) for k, v in items]
-    if all(n is v for (_, v), (_, n) in zip(items, new)):
-        return obj
-    if isinstance(obj, dict):
-        return dict(new)
-    return type(obj)(v for _, v in new)
-
-
-def save_checkpoint(path, payload):
-    """torch.save `payload` (made safe, see `to_safe`) to `path` with `write_atomic`."""
-    safe = to_safe(payload)
-    write_atomic(path, lambda f: torch.save(safe, f))
-
-
 def write_atomic(path, write):
     """`write(f)` to a temporary file, fsync it, rename it over `path`, fsync the directory.
 
@@ -130,54 +72,6 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def is_pickle(path):
-    """Whether a file is what torch.save or pickle writes: a zip archive (torch's format) or a
-    pickle stream (its PROTO opcode first)."""
-    with open(path, "rb") as f:
-        return zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"
-
-
-def read_checkpoint(path, mmap=False):
-    """The payload of a checkpoint file, loaded safely (weights_only: no code runs) and with its
-    numpy values back (`from_safe`). Raises ValueError with one line for a file the safe load
-    refuses, and the load's own error for an unreadable one."""
-    try:
-        with warnings.catch_warnings():  # torch's note on a plain pickle file: the error says it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        if not is_pickle(path):  # junk, not a refused object: the caller's "not readable"
-            raise
-        # A global (a class, a function) that is not plain data: refused, never run.
-        raise ValueError(f"{path}: {UNSAFE.format(path=path)}") from None
-    return from_safe(payload)
-
-
-def load_checkpoint(path, evaluation=False):
-    """Load a checkpoint dict, or raise ValueError with one line saying what is wrong. A snapshot
-    of --keep_checkpoints (weights only) is accepted only for `evaluation`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--resume {path}: no such checkpoint file")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"--resume {path}: not readable (permission denied)")
-    try:
-        payload = read_checkpoint(path)
-    except ValueError as e:
-        raise ValueError(f"--resume {e}") from None
-    except Exception as e:  # truncated or not a torch file
-        raise ValueError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    keys = set(payload if isinstance(payload, dict) else ())
-    if "snapshot" in keys and not evaluation:
-        folder = os.path.dirname(path) or "."
-        raise ValueError(f"--resume {path}: a snapshot for evaluation only (weights, no optimizer or replay): "
-                         f"evaluate it with --eval_episodes N, or resume training from "
-                         f"{os.path.join(folder, 'checkpoint.pt')}")
-    missing = {"agent", "counters", "config", *(() if evaluation else ("optimizer",))} - keys
-    if missing:
-        raise ValueError(f"--resume {path}: not a checkpoint of this program (missing {sorted(missing)})")
-    return payload
 
 
 def lock_run_dir(run_dir):

@@ -23,7 +23,7 @@ import torch
 import common  # noqa: F401  (puts the repo root on sys.path)
 import train
 from replay import Replay, ReplayStore
-from utils import save_checkpoint
+from run_state import save_checkpoint
 
 
 def main(argv=None):

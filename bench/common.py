@@ -85,7 +85,7 @@ def run_config(run_dir):
             return json.load(f)
     path = os.path.join(run_dir, "checkpoint.pt")
     if os.path.isfile(path):
-        from utils import read_checkpoint  # only here: reading a folder of JSON files needs no torch
+        from run_state import read_checkpoint  # only here: reading a folder of JSON files needs no torch
 
         return dict(read_checkpoint(path, mmap=True)["config"])  # a safe load: data, never code
     records = eval_records(run_dir)

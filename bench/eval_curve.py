@@ -18,9 +18,10 @@ import torch
 from matplotlib.figure import Figure
 
 import common
+import run_state
 import train
 from evaluate import game_name
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 
 def snapshot_config(checkpoint, args):
@@ -71,7 +72,7 @@ def main(argv=None):
         p.error("--eval_episodes and --eval_envs must be positive")
     if not os.path.isdir(args.run_dir):
         raise SystemExit(f"error: {args.run_dir} is not a directory")
-    found = train.snapshots(args.run_dir)
+    found = run_state.snapshots(args.run_dir)
     if not found:
         raise SystemExit(f"error: {args.run_dir} holds no checkpoint_<step>.pt (train with --keep_checkpoints N)")
     common.set_threads(args.threads)

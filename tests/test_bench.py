@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from utils import load_checkpoint, read_checkpoint, save_checkpoint
+from run_state import load_checkpoint, read_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

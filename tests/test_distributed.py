@@ -19,9 +19,10 @@ import torch.multiprocessing as mp
 
 import distributed
 import model
+import run_state
 import train
 from replay import Replay, ReplayStore, available_memory
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_size", "tiny", "--num_envs", "1", "--batch_size", "2", "--sequence_length", "8",
@@ -70,7 +71,7 @@ def rank_replays(run_dir, checkpoint, ranks=2):
     replays = []
     for rank, record in zip(range(ranks), checkpoint["replay_ranks"]):
         replays.append(Replay(1000, 1, latent=train.replay_latent(train.Config(model_size="tiny"))))
-        ReplayStore(train.replay_dir(str(run_dir), rank), replays[-1]).load(record)
+        ReplayStore(run_state.replay_dir(str(run_dir), rank), replays[-1]).load(record)
     return replays
 
 

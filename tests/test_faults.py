@@ -21,7 +21,7 @@ import torch
 
 import train
 from env import Collector, make_vector_env
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ from env import Collector, make_vector_env
 from evaluate import evaluate
 from model import Dreamer, LaProp
 from replay import Replay
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATCH, RHYTHM = "tests.catch:Catch-v0", "tests.rhythm:Rhythm-v0"

@@ -10,7 +10,7 @@ import torch
 import replay as replay_module
 import train
 from replay import Replay, ReplayStore
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 # Half an update per collection step of the 2 envs: few updates, as each costs about 0.3 s.
 TINY = dict(model_size="tiny", num_envs=2, batch_size=2, sequence_length=8, train_ratio=4.0,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from utils import load_checkpoint
+from run_state import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
