@@ -237,14 +237,20 @@ def _update(agent, opt, batch):
     return grads, {k: v.clone() for k, v in agent.state_dict().items()}
 
 
-def _half_batch_update(rank, port, batch, out):
+def _rank_with_half_a_batch(rank, port, batch):
+    """Join a two-rank gloo group as `rank` (the variables torchrun would set): the synchronised
+    agent, its optimizer and this rank's half of `batch`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.init("cpu")
     agent, opt = _agent()
     distributed.synchronise(agent)
-    half = {k: v.chunk(2)[rank] for k, v in batch.items()}
+    return agent, opt, {k: v.chunk(2)[rank] for k, v in batch.items()}
+
+
+def _half_batch_update(rank, port, batch, out):
+    agent, opt, half = _rank_with_half_a_batch(rank, port, batch)
     torch.save(_update(agent, opt, half), os.path.join(out, f"rank{rank}.pt"))
     distributed.close()
 
@@ -338,13 +344,7 @@ def test_a_failing_rank_ends_the_job_with_one_error_line(tmp_path):
 
 
 def _update_with_an_infinite_loss_on_rank_1(rank, port, batch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-                      RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.init("cpu")
-    agent, opt = _agent()
-    distributed.synchronise(agent)
-    half = {k: v.chunk(2)[rank] for k, v in batch.items()}
+    agent, opt, half = _rank_with_half_a_batch(rank, port, batch)
     assert train.train_step(agent, opt, half)[0] is not None  # the optimizer has state now
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     real = agent.loss
