@@ -168,7 +168,8 @@ def test_no_replay_files_are_deleted_when_a_rank_could_not_save(tmp_path, monkey
 
         def gather_objects(obj):
             calls.append(obj)
-            other = (None, (28, "No space left on device")) if len(calls) == step else (None, None)
+            # The other rank's (replay record, rank state) is this rank's; the second call carries None.
+            other = (obj[0], (28, "No space left on device") if len(calls) == step else None)
             return [*real(obj), other] if step == 1 else [other, *real(obj)]
 
         monkeypatch.setattr(distributed, "gather_objects", gather_objects)
