@@ -444,7 +444,8 @@ def test_a_two_rank_job_killed_after_a_checkpoint_resumes_bit_for_bit(two_rank_r
     try:
         deadline = time.time() + 120
         while not (run_dir / "checkpoint.pt").exists():
-            assert time.time() < deadline and proc.poll() is None, "no checkpoint was written"
+            assert time.time() < deadline and proc.poll() is None, \
+                f"no checkpoint was written: {proc.poll() and proc.communicate()[1][-3000:]}"
             time.sleep(0.1)
     finally:
         kill_tree(proc.pid)  # torchrun, both ranks (in sessions of their own) and their env workers
