@@ -132,6 +132,15 @@ def test_return_curve_png_draws_the_random_level_of_atari_games(tmp_path):
     assert os.path.getsize(tmp_path / "curve.png") > 1000
 
 
+def test_seed_curves_draw_every_run_and_the_random_level(tmp_path):
+    runs = [fake_run(tmp_path / f"s{i}", "ALE/Pong-v5", train_returns=[-21.0 + i, -20.0 + i, -19.0 + 2 * i])
+            for i in range(2)]
+    out = run_bench("seed_curves.py", *map(str, runs), "--png", str(tmp_path / "pong.png"))
+    # Seed 0: returns -21, -20, -19 (mean -20); seed 1: -20, -19, -17 (mean -56 / 3, rounded).
+    assert out["random"] == -20.7 and [r["final_mean"] for r in out["runs"]] == [-20.0, -18.667]
+    assert os.path.getsize(tmp_path / "pong.png") > 1000
+
+
 def test_hns_table_over_games_and_seeds(tmp_path):
     # HNS per run: Pong 1.0 and 0.0 (random −20.7, human 14.6), Breakout 0.5 and 2.0 (random 1.7,
     # human 30.5; the second run has no evaluation: the mean of its last 10 training episodes),
