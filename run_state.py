@@ -305,7 +305,7 @@ def replay_dir(run_dir, rank=0):
 
 
 def saved_rank_state(checkpoint, rank, ranks):
-    """What rank `rank` of a job of `ranks` saved (`Trainer.rank_state`), or None when the
+    """What rank `rank` of a job of `ranks` saved (`RunState.rank_state`), or None when the
     checkpoint was saved by another number of ranks. A one-process checkpoint (or one of an older
     version) holds its one state at the top level."""
     states = checkpoint.get("rank_states") or [

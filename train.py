@@ -46,8 +46,6 @@ def arg(default, help):
 
 
 @dataclass
-
-
 class Config:
     env: str = arg("", "gymnasium id, e.g. ALE/Pong-v5 (any ALE game; also module:EnvId ids); required unless --resume")
     num_envs: int = arg(16, "number of parallel environments (AsyncVectorEnv workers)")
@@ -322,7 +320,6 @@ class PhaseTimer:
         self.seconds, self.inner, self.events = {}, [], []
 
     @contextlib.contextmanager
-
     def phase(self, name):
         events = None
         if self.cuda and name == "update":
@@ -479,7 +476,6 @@ class Trainer(RunState):
         self.since_log = (time.time(), step, self.counters["updates"])
 
     @property
-
     def envs(self):  # the collector's: it replaces the vector env when a worker dies
         return self.collector.envs
 
