@@ -17,7 +17,11 @@ from run_state import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATCH, RHYTHM = "tests.catch:Catch-v0", "tests.rhythm:Rhythm-v0"
-UPDATES_PONG = 2000  # the reconstruction leaves the mean-frame plateau after ~1000-1500
+# The world model must leave the mean-frame plateau within this many updates (checked every
+# CHECK_PONG): at lr 2e-3 it left it after 1,500 on an Intel Xeon (3.30, 2026-12-02). At lr 1e-3 it did
+# after 2,000 on an AMD EPYC but not on the Xeon (4.04 against a bar of 3.81): the moment it leaves
+# depends on float rounding, so the test stops when it has left instead of after a fixed count.
+UPDATES_PONG, CHECK_PONG = 3000, 250
 
 # Tiny model, short sequences and high learning rates: ~2100 updates in about 3.5 minutes on 2
 # CPU cores. Everything else (losses, imagination, normalisation, optimizer) is the default.
@@ -72,7 +76,7 @@ class TestPongWorldModel:
         mean_frame_loss = ((frames - frames.mean(0)) ** 2).sum((1, 2, 3)).mean()
 
         agent, _ = train.build_agent(train.Config(env=CATCH, model_size="tiny"), 6, torch.device("cpu"))
-        opt = LaProp(list(agent.world_model_parameters()), lr=1e-3, warmup=20)
+        opt = LaProp(list(agent.world_model_parameters()), lr=2e-3, warmup=20)
         scales = agent.loss_scales
 
         def losses(batch):
@@ -87,14 +91,17 @@ class TestPongWorldModel:
             with torch.no_grad():
                 return losses(window)["rec"].mean().item()
 
-        start = rec_loss()
-        for _ in range(UPDATES_PONG):
-            loss = sum(scales[k] * v.mean() for k, v in losses(replay.sample(8, 16)).items())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        end = rec_loss()
-        print(f"pong reconstruction: start {start:.1f}, end {end:.2f}, mean frame {mean_frame_loss:.2f}")
+        start, end, updates = rec_loss(), None, 0
+        while updates < UPDATES_PONG and not (end is not None and end < 0.9 * mean_frame_loss):
+            for _ in range(CHECK_PONG):
+                loss = sum(scales[k] * v.mean() for k, v in losses(replay.sample(8, 16)).items())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            updates += CHECK_PONG
+            end = rec_loss()
+        print(f"pong reconstruction: start {start:.1f}, end {end:.2f} after {updates} updates, "
+              f"mean frame {mean_frame_loss:.2f}")
         assert end < start / 100
         assert end < 0.9 * mean_frame_loss
 
