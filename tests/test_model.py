@@ -85,6 +85,36 @@ def test_slow_critic_equals_critic_at_start_and_follows_by_ema():
     assert torch.allclose(agent.slow_critic[-1].bias, torch.full((255,), 0.02))
 
 
+def test_rms_norm_values_and_its_hand_written_gradient():
+    from model import ChannelNorm, RMSNorm
+    norm = RMSNorm(2)
+    with torch.no_grad():
+        norm.scale.copy_(torch.tensor([2.0, 0.5]))
+    # x = (3, 4): mean of squares 12.5, so y = (3, 4) / sqrt(12.5 + 1e-4) * (2, 0.5).
+    y = norm(torch.tensor([[3.0, 4.0]]))
+    r = 1 / math.sqrt(12.5 + 1e-4)
+    assert y.tolist()[0] == pytest.approx([6 * r, 2 * r], rel=1e-6)
+    # The backward (written by hand) against autograd of the composite, in float64.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    scale = torch.rand(7, dtype=torch.float64, generator=g).add(0.5).requires_grad_()
+    grad = torch.randn(3, 5, 7, dtype=torch.float64, generator=g)
+    norm = RMSNorm(7).double()
+    with torch.no_grad():
+        norm.scale.copy_(scale)
+    composite = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-4) * scale
+    want = torch.autograd.grad(composite, [x, scale], grad)
+    got = torch.autograd.grad(norm(x), [x, norm.scale], grad)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    # bf16 in, bf16 out (computed in float32); ChannelNorm normalises axis 1 of (N, C, H, W).
+    assert norm.float()(x.detach().bfloat16()).dtype == torch.bfloat16
+    maps = torch.randn(2, 7, 3, 3, generator=g)
+    channel = ChannelNorm(7)
+    expected = maps * torch.rsqrt(maps.pow(2).mean(1, keepdim=True) + 1e-4)
+    assert torch.allclose(channel(maps), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_lambda_return_stops_at_terminal():
     # R_t = r_{t+1} + c_{t+1}((1 − λ)V_{t+1} + λR_{t+1}), R_3 = V_3; c_2 = 0 is a terminal.
     reward = torch.tensor([[1.0, 2.0, 3.0]])
