@@ -725,28 +725,23 @@ class AgentPolicy:
     def __init__(self, agent, num_envs, device, greedy=False):
         self.agent, self.device, self.greedy = agent, device, greedy
         self.state = agent.initial_state(num_envs, device)
-        self.packed = None  # the last step's host copy (see `unpack`)
+        self.last = None  # the last step's host copy, split (see `__call__`)
 
     def __call__(self, obs, is_first):
         action, self.state = self.agent.act(torch.as_tensor(obs, device=self.device),
                                             torch.as_tensor(is_first, device=self.device),
                                             self.state, self.greedy)
         deter, stoch, _ = self.state
-        self.packed = pack_step(action, deter, self.agent.rssm.stoch_indices(stoch)).cpu().numpy()
-        return self.unpack()["action"]
-
-    def unpack(self):
-        """The last step's host copy as numpy arrays: action (N,) int64, deter_bits (N, D) uint16
-        (bfloat16 bits), stoch (N, S) uint8."""
-        deter = self.state[0].shape[-1]
-        action, bits, stoch = np.split(self.packed, [8, 8 + 2 * deter], axis=1)
-        return dict(action=action.view(np.int64)[:, 0], deter_bits=bits.view(np.uint16), stoch=stoch)
+        packed = pack_step(action, deter, self.agent.rssm.stoch_indices(stoch)).cpu().numpy()
+        # Views of the one host copy: action (N,) int64, deter (N, D) as bfloat16 bits, stoch (N, S) uint8.
+        action, bits, stoch = np.split(packed, [8, 8 + 2 * deter.shape[-1]], axis=1)
+        self.last = dict(action=action.view(np.int64)[:, 0], deter_bits=bits.view(np.uint16), stoch=stoch)
+        return self.last["action"]
 
     def latents(self):
         """The posterior latent of the last observation, as the replay stores it: deter (N, D) as
         bfloat16 bits and stoch class indices (N, S) uint8."""
-        step = self.unpack()
-        return dict(deter_bits=step["deter_bits"], stoch=step["stoch"])
+        return dict(deter_bits=self.last["deter_bits"], stoch=self.last["stoch"])
 
 
 def bf16_bits(x):

@@ -255,13 +255,16 @@ def parse_device(name, cuda_count=None):
     return device
 
 
-def pick_device(name):
+def pick_device(name, warn=True):
+    """--device as a torch.device: auto is CUDA where there is one, else the CPU (with a warning,
+    unless `warn` is False: the CPU preset, which says so itself, is made for the CPU)."""
     device = parse_device(name)
     if device is not None:
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    print("warning: CUDA not available, training on CPU (slow)", file=sys.stderr)
+    if warn:
+        print("warning: CUDA not available, training on CPU (slow)", file=sys.stderr)
     return torch.device("cpu")
 
 
@@ -400,7 +403,7 @@ class Trainer(RunState):
             cfg = dataclasses.replace(cfg, video_interval=0, image_interval=0, eval_interval=0)
         self.cfg = cfg
         self.ranks = distributed.world_size()
-        self.device = distributed.rank_device(pick_device(cfg.device))
+        self.device = distributed.rank_device(pick_device(cfg.device, warn=cfg.preset != "cpu"))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=uses_bf16(cfg.precision, self.device))
         set_up_device(self.device, cfg.precision)
@@ -857,7 +860,7 @@ def evaluate_checkpoint(cfg, checkpoint, report=True):
     """The checkpoint's agent plays --eval_episodes episodes on fresh envs with the run's settings
     (sticky actions, ...); writes eval_<step>.json and eval_<step>.mp4 (the best episode), or with
     `report` False writes nothing. Returns the evaluation's record (see evaluate.summary)."""
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, warn=cfg.preset != "cpu")
     seed_everything(cfg.seed)
     num_actions = checkpoint.get("num_actions")
     if num_actions is None:

@@ -279,6 +279,11 @@ def test_without_a_gpu_a_new_run_uses_the_cpu_preset_and_says_so(capsys):
     cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "gpu"])
     with pytest.raises(ValueError, match="--preset must be one of none, atari100k, cpu"):
         train.apply_presets(cfg, given)
+    # The CPU preset's note is the only line: no second "training on CPU (slow)" warning after it;
+    # a bigger model on the CPU still gets the warning.
+    capsys.readouterr()
+    assert train.pick_device("auto", warn=False).type == "cpu" and capsys.readouterr().err == ""
+    assert train.pick_device("auto").type == "cpu" and "training on CPU (slow)" in capsys.readouterr().err
 
 
 def test_a_resumed_run_keeps_the_preset_it_was_saved_with(tmp_path):
