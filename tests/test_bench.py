@@ -44,6 +44,19 @@ def test_update_speed_counts_flops_and_share_of_peak():
     assert r["share_of_peak"] == pytest.approx(r["gflops_achieved"] / r["peak_gflops"])
 
 
+def test_profile_update_lists_the_update_s_ops_and_its_image_stacks():
+    r = run_bench("profile_update.py", "--batch_size", "2", "--sequence_length", "4", "--horizon", "2",
+                  "--updates", "2", "--warmup_updates", "1", "--top", "4")
+    assert (r["model_size"], r["batch_size"], r["threads"]) == ("tiny", 2, 1)
+    assert r["updates_per_sec"] == pytest.approx(1 / r["sec_per_update"])
+    # Thousands of small ops even at batch 2 × 4 (16 per RSSM step and more, forward and backward).
+    assert r["ops_per_update"] > 1000 and len(r["top_ops"]) == 4
+    ms = [op["ms_per_update"] for op in r["top_ops"]]
+    assert ms == sorted(ms, reverse=True) and all(op["op"].startswith("aten::") for op in r["top_ops"])
+    assert 0 < sum(op["share"] for op in r["top_ops"]) <= 1
+    assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_peak(dtype):
     r = run_bench("peak.py", "--size", "128", "--seconds", "0.1", "--threads", "1", "--dtype", dtype)
