@@ -151,7 +151,14 @@ def test_seed_curves_draw_every_run_and_the_random_level(tmp_path):
     out = run_bench("seed_curves.py", *map(str, runs), "--png", str(tmp_path / "pong.png"))
     # Seed 0: returns -21, -20, -19 (mean -20); seed 1: -20, -19, -17 (mean -56 / 3, rounded).
     assert out["random"] == -20.7 and [r["final_mean"] for r in out["runs"]] == [-20.0, -18.667]
+    assert [(r["label"], r["x_end"]) for r in out["runs"]] == [("seed 0", 200), ("seed 0", 200)]
     assert os.path.getsize(tmp_path / "pong.png") > 1000
+    # Runs that differ in a setting: named by --label, drawn against wall-clock minutes (the last
+    # episode of each fake run is 2 s after its first: 0.03 minutes).
+    out = run_bench("seed_curves.py", *map(str, runs), "--label", "ratio 64", "--label", "ratio 32",
+                    "--x", "wall", "--png", str(tmp_path / "wall.png"))
+    assert [(r["label"], r["x_end"]) for r in out["runs"]] == [("ratio 64", 0.03), ("ratio 32", 0.03)]
+    assert os.path.getsize(tmp_path / "wall.png") > 1000
 
 
 def test_hns_table_over_games_and_seeds(tmp_path):
