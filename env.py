@@ -3,7 +3,7 @@
 Atari follows DreamerV3's Atari setting: the ALE runs with frameskip 1 and sticky actions 0.25 (per frame), we
 repeat each action 4 times and max-pool the last two frames, resize to 64×64 RGB with
 INTER_AREA, start with up to 30 no-ops, cap episodes at 108,000 frames, never clip rewards and
-ignore lives. gymnasium ≥ 1.0 vector envs autoreset on the step AFTER an episode ends; the
+ignore lives (or, with `--lives discount`, make a lost life terminal but not last). gymnasium ≥ 1.0 vector envs autoreset on the step AFTER an episode ends; the
 `Episodes` bookkeeping turns that into the stored-step convention (reward and flags arrive with
 the observation, the reset step is `is_first` with reward 0), and `Collector` is the one place
 where a step is acted on, stored and sent to the envs.
@@ -261,10 +261,15 @@ class Episodes:
     holds `obs`: `reward` and `is_terminal` arrived with it, `is_first` marks a reset
     observation (the env ignored the action sent with it, its reward is 0), and `is_last`
     marks the end of an episode (terminated or truncated). Truncation is last, never terminal.
+
+    With `lives="discount"` a step on which the game took a life (the env's `info["lives"]`
+    fell) is terminal but not last: the continue and value targets end there, the episode and
+    the model state go on. With "unused" (the default, as in the official code) lives are ignored.
     """
 
-    def __init__(self, num_envs):
-        self.n = num_envs
+    def __init__(self, num_envs, lives="unused"):
+        self.n, self.lives_mode = num_envs, lives
+        self.lives = np.zeros(num_envs, np.int64)  # the lives of the last step (discount)
         self.reward = np.zeros(num_envs, np.float32)
         self.is_first = np.ones(num_envs, bool)
         self.is_last = np.zeros(num_envs, bool)
@@ -272,12 +277,17 @@ class Episodes:
         self.returns = np.zeros(num_envs, np.float64)
         self.lengths = np.zeros(num_envs, np.int64)
 
-    def step(self, reward, terminated, truncated):
-        """Advance the flags; returns [(env index, return, length)] of episodes that ended."""
+    def step(self, reward, terminated, truncated, lives=None):
+        """Advance the flags; returns [(env index, return, length)] of episodes that ended.
+        `lives`: the envs' lives after the step (`info["lives"]`), or None for envs without."""
         self.is_first = self.is_last.copy()  # the step after a last step is the reset obs
         self.reward = np.where(self.is_first, 0.0, reward).astype(np.float32)
         self.is_terminal = np.asarray(terminated, bool) & ~self.is_first
         self.is_last = (np.asarray(terminated, bool) | np.asarray(truncated, bool)) & ~self.is_first
+        if self.lives_mode == "discount" and lives is not None:
+            lives = np.asarray(lives, np.int64)
+            self.is_terminal |= (lives < self.lives) & ~self.is_first
+            self.lives = lives
         self.returns = np.where(self.is_first, 0.0, self.returns + self.reward)
         self.lengths = np.where(self.is_first, 0, self.lengths + 1)
         return [(i, float(self.returns[i]), int(self.lengths[i]))
@@ -301,18 +311,18 @@ class Collector:
     starts a new episode (see `restart`).
     """
 
-    def __init__(self, envs, seed=0, rebuild=None):
-        self.envs, self.seed, self.rebuild = envs, seed, rebuild
+    def __init__(self, envs, seed=0, rebuild=None, lives="unused"):
+        self.envs, self.seed, self.rebuild, self.lives = envs, seed, rebuild, lives
         self.restarts = 0
         self.failure = None  # a worker death seen by send, handled by receive
-        self.episodes = Episodes(envs.num_envs)
+        self.episodes = Episodes(envs.num_envs, lives)
         self.obs, _ = envs.reset(seed=seed)
 
     def get_state(self):
         """What a resumed run needs to go on collecting exactly where this one is: the current
         observations, the episode bookkeeping and every env's state (`SavesState`; None for an
         env that cannot be restored). Draws no random numbers."""
-        episodes = {k: v.copy() for k, v in vars(self.episodes).items() if k != "n"}
+        episodes = {k: v.copy() for k, v in vars(self.episodes).items() if k not in ("n", "lives_mode")}
         return dict(obs=self.obs.copy(), episodes=episodes, envs=list(self.envs.call("get_state")),
                     seed=self.seed, restarts=self.restarts)
 
@@ -354,16 +364,16 @@ class Collector:
             if self.failure is not None:
                 raise self.failure
             if hasattr(self.envs, "step_wait"):
-                self.obs, reward, terminated, truncated, _ = self.envs.step_wait()
+                self.obs, reward, terminated, truncated, info = self.envs.step_wait()
             else:
-                self.obs, reward, terminated, truncated, _ = self.envs.step(self.pending)
+                self.obs, reward, terminated, truncated, info = self.envs.step(self.pending)
         except WORKER_DIED as e:
             self.failure = None
             if self.rebuild is None:
                 raise
             self.restart(e)
             return []
-        return self.episodes.step(reward, terminated, truncated)
+        return self.episodes.step(reward, terminated, truncated, info.get("lives"))
 
     def step(self, policy, store=None):
         self.send(policy, store)
@@ -388,7 +398,7 @@ class Collector:
         old.close(terminate=True)
         self.envs = self.rebuild()
         self.restarts += 1
-        self.episodes = Episodes(self.envs.num_envs)
+        self.episodes = Episodes(self.envs.num_envs, self.lives)
         self.obs, _ = self.envs.reset(seed=self.seed + 10_000 * self.restarts)
         warn(f"env worker {codes} died ({type(error).__name__}); the vector env was rebuilt and "
              f"its {self.envs.num_envs} episodes in flight ended (not terminal); training continues")

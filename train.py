@@ -70,6 +70,9 @@ class Config:
     model_size: str = arg("50m", "model preset: " + ", ".join(SIZES))
     learning_starts: int = arg(1024, "agent steps collected before the first update")
     sticky_actions: float = arg(0.25, "ALE repeat_action_probability (0.25 as in ALE v5)")
+    lives: str = arg("unused", "Atari lives: unused (a lost life is neither terminal nor last, as in the official "
+                               "code) or discount (a lost life is terminal for the continue and value targets; "
+                               "the episode goes on until the game is over)")
     preset: str = arg("", "settings preset: atari100k, cpu (learns within the hour on a few CPU cores) or none "
                           "(the defaults); flags given explicitly win. Default: cpu when --device auto finds no "
                           "GPU and no --model_size is given, else none")
@@ -154,6 +157,8 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
         raise ValueError(f"--sticky_actions must be in [0, 1], got {cfg.sticky_actions}")
+    if cfg.lives not in ("unused", "discount"):
+        raise ValueError(f"--lives must be unused or discount, got {cfg.lives}")
     if cfg.model_size not in SIZES:
         raise ValueError(f"--model_size must be one of {', '.join(SIZES)}, got {cfg.model_size}")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):
@@ -441,7 +446,7 @@ class Trainer(RunState):
             # A worker that dies (killed, emulator segfault) gets the vector env rebuilt.
             self.collector = Collector(
                 envs, seed=seed + 1000 * self.counters["updates"],
-                rebuild=lambda: make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions))
+                rebuild=lambda: make_vector_env(cfg.env, cfg.num_envs, cfg.sticky_actions), lives=cfg.lives)
             self.policy = AgentPolicy(self.agent, cfg.num_envs, self.device)
             # Last: the run directory must not exist for a failed start. The lock comes before
             # anything is written there: a second run on the same directory stops here. Under

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from env import check_env_id, make_env
+from env import Episodes, check_env_id, make_env
 from replay import from_bf16_bits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +80,46 @@ def test_real_pong_episode_boundary(tmp_path):
     assert ret == d["reward"][:steps - 1].sum() and length == steps - 2
     assert ret <= -1  # a random policy loses points
     assert set(np.unique(d["reward"])) <= {-1.0, 0.0, 1.0}  # rewards are not clipped: Pong's are ±1
+
+
+def test_lives_discount_makes_a_lost_life_terminal_but_not_last():
+    """Hand-made steps of one env with 3 lives: a life lost at step 2, game over at step 4, reset
+    at step 5 (lives back to 3). Discount: step 2 is terminal, not last; unused: only step 4."""
+    lives = [3, 3, 2, 2, 0, 3, 3]
+    terminated = [0, 0, 0, 0, 1, 0, 0]
+    flags = {}
+    for mode in ("unused", "discount"):
+        episodes, rows = Episodes(1, lives=mode), []
+        for t in range(7):
+            episodes.step(np.zeros(1), np.array([terminated[t]], bool), np.zeros(1, bool),
+                          np.array([lives[t]]))
+            rows.append((episodes.is_first[0], episodes.is_terminal[0], episodes.is_last[0]))
+        flags[mode] = np.array(rows)
+    first, terminal, last = flags["discount"].T
+    assert list(np.flatnonzero(terminal)) == [2, 4] and list(np.flatnonzero(last)) == [4]
+    assert list(np.flatnonzero(first)) == [5]  # the reset (lives back to 3) is not a lost life
+    assert list(np.flatnonzero(flags["unused"][:, 1])) == [4]
+    assert (flags["unused"][:, [0, 2]] == flags["discount"][:, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("lives", ["unused", "discount"])
+def test_real_roadrunner_lost_lives_are_terminal_only_with_discount(tmp_path, lives):
+    """RoadRunner starts with 3 lives: a random episode has 2 lives lost before its game over."""
+    trainer = trainer_for("ALE/RoadRunner-v5", tmp_path, num_envs=1, capacity=8192, lives=lives)
+    try:
+        finished, steps = [], 0
+        while not finished and steps < 3000:
+            finished = trainer.collect()
+            steps += 1
+        trainer.collect()  # stores the episode's last step
+    finally:
+        trainer.close()
+    assert finished, "a random RoadRunner episode should end within 3000 agent steps"
+    d = {k: v[0, :steps + 1] for k, v in trainer.replay.data.items()}
+    assert list(np.flatnonzero(d["is_last"])) == [steps] and d["is_first"].sum() == 1
+    assert d["is_terminal"][steps]
+    lost = np.flatnonzero(d["is_terminal"][:steps])
+    assert len(lost) == (2 if lives == "discount" else 0)
 
 
 def test_actions_change_the_game_on_real_ale():
