@@ -66,6 +66,8 @@ class Config:
     warmup: int = arg(1000, "updates of linear learning-rate warm-up")
     discount: float = arg(0.997, "discount factor gamma (horizon 333)")
     lam: float = arg(0.95, "lambda of the lambda-returns")
+    actor_entropy: float = arg(3e-4, "actor entropy regulariser eta (the policy loss is -(log pi * advantage + "
+                                     "eta * entropy), advantages divided by the return scale)")
     train_ratio: float = arg(32.0, "replayed steps per agent step (updates per agent step = ratio / (B*T))")
     model_size: str = arg("50m", "model preset: " + ", ".join(SIZES))
     learning_starts: int = arg(1024, "agent steps collected before the first update")
@@ -152,7 +154,7 @@ def check_config(cfg):
         if not 0 < getattr(cfg, name) <= 1:
             raise ValueError(f"--{name} must be in (0, 1], got {getattr(cfg, name)}")
     for name in ["video_interval", "image_interval", "log_interval", "checkpoint_interval",
-                 "keep_checkpoints", "learning_starts", "warmup", "eval_interval"]:
+                 "keep_checkpoints", "learning_starts", "warmup", "eval_interval", "actor_entropy"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
@@ -694,7 +696,7 @@ def replay_latent(cfg):
 
 def build_agent(cfg, num_actions, device):
     """The agent of `cfg.model_size` and its optimizer (one LaProp, a parameter group per lr)."""
-    agent = Dreamer(num_actions, discount=cfg.discount, lam=cfg.lam,
+    agent = Dreamer(num_actions, discount=cfg.discount, lam=cfg.lam, actent=cfg.actor_entropy,
                     horizon=cfg.imagination_horizon, **SIZES[cfg.model_size]).to(device)
     opt = LaProp([dict(params=list(agent.world_model_parameters()), lr=cfg.lr),
                   dict(params=list(agent.actor.parameters()), lr=cfg.actor_lr),

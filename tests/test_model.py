@@ -369,6 +369,24 @@ def test_openloop_shapes():
     assert 0 <= recon.min() and recon.max() <= 1
 
 
+@pytest.mark.parametrize("eta", [3e-4, 0.01])
+def test_policy_loss_with_zero_advantage_is_the_entropy_bonus_of_actor_entropy(eta):
+    """At initialisation reward and critic predict 0 (zero output layers), so every advantage is
+    0 and the policy loss is -eta * weight * entropy, eta given by --actor_entropy."""
+    agent, _ = tiny_agent(actor_entropy=eta)
+    b = random_batch()
+    _, post, _ = agent.world_model_loss(b["obs"], b["action"], b["reward"], b["is_first"],
+                                        b["is_terminal"])
+    feats, actions = agent.imagine(post["deter"], post["stoch"])
+    losses, ret, metrics = agent.behavior_loss(feats, actions)
+    assert ret.abs().max() < 1e-6 and metrics["actor/advantage"].abs() < 1e-6
+    logp = agent.policy_logprobs(feats)
+    entropy = -(logp.exp() * logp).sum(-1)[:, :-1]
+    weight = torch.cumprod(torch.sigmoid(agent.cont_head(feats).squeeze(-1)) * agent.discount, 1)
+    expected = -eta * weight[:, :-1] / agent.discount * entropy
+    torch.testing.assert_close(losses["policy"], expected, rtol=1e-4, atol=1e-9)
+
+
 def test_policy_gradient_raises_probability_of_actions_with_positive_advantage():
     agent, _ = tiny_agent()
     with torch.no_grad():  # reward head predicts +1 everywhere, critic 0: every advantage > 0

@@ -128,6 +128,16 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
     assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("lives", "reset", "--lives must be unused or discount, got reset"),
+    ("actor_entropy", -1e-3, "--actor_entropy must be >= 0, got -0.001"),
+])
+def test_bad_lives_and_actor_entropy_are_clear_errors(flag, value, message):
+    cfg = train.Config(env="ALE/Pong-v5", **{flag: value})
+    with pytest.raises(ValueError, match=message):
+        train.check_config(cfg)
+
+
 def test_resume_auto_without_run_dir_is_one_line_error():
     result = run_train("--env", "ALE/Pong-v5", "--resume", "auto", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
