@@ -274,15 +274,15 @@ def test_atari100k_preset_keeps_explicit_flags():
 def test_without_a_gpu_a_new_run_uses_the_cpu_preset_and_says_so(capsys):
     cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--num_envs", "8"])
     train.apply_presets(cfg, given)
-    assert (cfg.preset, cfg.model_size, cfg.batch_size, cfg.sequence_length, cfg.train_ratio) == \
-        ("cpu", "tiny", 8, 16, 64.0)
+    assert (cfg.preset, cfg.model_size, cfg.batch_size, cfg.sequence_length, cfg.train_ratio, cfg.lives) == \
+        ("cpu", "tiny", 8, 16, 64.0, "discount")
     assert cfg.num_envs == 8  # given explicitly
     note = capsys.readouterr().err
     assert note.count("\n") == 1 and "--preset cpu" in note and "--preset none" in note
     for argv in (["--model_size", "12m"], ["--preset", "none"], ["--atari100k"], ["--device", "cpu"]):
         cfg, given = train.parse_args(["--env", "ALE/Pong-v5", *argv])
         train.apply_presets(cfg, given)
-        assert cfg.preset != "cpu" and cfg.batch_size == 16, argv
+        assert cfg.preset != "cpu" and cfg.batch_size == 16 and cfg.lives == "unused", argv
     assert capsys.readouterr().err == ""
     cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "atari100k"])
     assert train.apply_presets(cfg, given).atari100k and cfg.num_envs == 1
