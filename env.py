@@ -3,10 +3,11 @@
 Atari follows DreamerV3's Atari setting: the ALE runs with frameskip 1 and sticky actions 0.25 (per frame), we
 repeat each action 4 times and max-pool the last two frames, resize to 64×64 RGB with
 INTER_AREA, start with up to 30 no-ops, cap episodes at 108,000 frames, never clip rewards and
-ignore lives (or, with `--lives discount`, make a lost life terminal but not last). gymnasium ≥ 1.0 vector envs autoreset on the step AFTER an episode ends; the
-`Episodes` bookkeeping turns that into the stored-step convention (reward and flags arrive with
-the observation, the reset step is `is_first` with reward 0), and `Collector` is the one place
-where a step is acted on, stored and sent to the envs.
+ignore lives (or, with `--lives discount`, make a lost life terminal but not last). gymnasium ≥
+1.0 vector envs autoreset on the step AFTER an episode ends; the `Episodes` bookkeeping turns
+that into the stored-step convention (reward and flags arrive with the observation, the reset
+step is `is_first` with reward 0), and `Collector` is the one place where a step is acted on,
+stored and sent to the envs.
 """
 import atexit
 import difflib
