@@ -752,7 +752,7 @@ def train_step(agent, opt, batch, loss_fn=None, autocast=None):
     # A NaN or inf anywhere in a group's gradients makes its norm non-finite (the same on every
     # rank: the gradients are averaged). This is the one host sync an update keeps (a blocking
     # scalar read on CUDA): LaProp counts its steps in Python, so a skip cannot stay on the
-    # device. Nothing else in an update reads a value back (tests/test_speed.py counts them).
+    # device. Nothing else in an update reads a value back (tests/test_gpu_path.py counts them).
     finite = torch.stack([finite, *[torch.isfinite(n) for n in norms]]).all()
     if not finite.item():
         opt.zero_grad(set_to_none=True)
