@@ -590,7 +590,7 @@ class Trainer(RunState):
             self.video_frames.append(self.collector.obs[0].copy())
 
     def log_episodes(self, finished):
-        step = self.counters["env_steps"]
+        step, elapsed = self.counters["env_steps"], self.elapsed()
         for env_index, ret, length in finished:
             self.counters["episodes"] += 1
             best = self.counters["best_return"]
@@ -598,7 +598,8 @@ class Trainer(RunState):
             self.recent_returns = (self.recent_returns + [ret])[-100:]
             self.logger.scalars(step, {"episode/return": ret, "episode/length": length,
                                        "episode/best_return": self.counters["best_return"],
-                                       "episode/count": self.counters["episodes"]})
+                                       "episode/count": self.counters["episodes"],
+                                       "time/elapsed": elapsed})  # for curves against the run's own time
             if env_index == 0:
                 if self.video_frames:
                     self.video_frames.append(self.collector.obs[0].copy())  # the last frame

@@ -1,5 +1,5 @@
-"""Return curve of a run: metrics.jsonl → CSV of (agent steps, wall seconds, mean return of the
-last 10 episodes), one row per finished episode, and a PNG of the curve with the episodes' returns
+"""Return curve of a run: metrics.jsonl → CSV of (agent steps, wall seconds of the run's jobs, mean
+return of the last 10 episodes), one row per finished episode, and a PNG of the curve with the episodes' returns
 and the random policy's level as a horizontal line.
 
     python bench/return_curve.py runs/Pong-.../ > return_curve.csv
@@ -29,7 +29,10 @@ def curve(run_dir, window=10):
         if "episode/return" in r:
             returns.append(r["episode/return"])
             recent = returns[-window:]
-            out.append(dict(step=r["step"], wall_s=round(r["time"] - start, 1),
+            # The run's own seconds over all its jobs (the gaps between the jobs of a resumed run
+            # left out); older logs without them count the clock from the first line.
+            wall = r["time/elapsed"] if "time/elapsed" in r else r["time"] - start
+            out.append(dict(step=r["step"], wall_s=round(wall, 1),
                             mean_return=round(sum(recent) / len(recent), 3)))
     return out
 

@@ -126,6 +126,17 @@ def test_return_curve_averages_the_last_ten_episodes(tmp_path):
     assert final["random"] is None  # no config: no game, no random level
 
 
+def test_return_curve_counts_the_run_s_own_time_across_jobs(tmp_path):
+    # Two jobs of one run: the second starts a day after the first ended, 30 s into the run.
+    rows = [{"step": 10, "time": 1000.0, "episode/return": 1.0, "time/elapsed": 20.0},
+            {"step": 20, "time": 1010.0, "episode/return": 3.0, "time/elapsed": 30.0},
+            {"step": 30, "time": 87_500.0, "episode/return": 5.0, "time/elapsed": 45.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = run_bench("return_curve.py", str(tmp_path), "--csv", str(tmp_path / "c.csv"))
+    assert (final["wall_s"], final["mean_return"]) == (45.0, 3.0)
+    assert (tmp_path / "c.csv").read_text().splitlines()[1:] == ["10,20.0,1.0", "20,30.0,2.0", "30,45.0,3.0"]
+
+
 def fake_run(path, env, eval_mean=None, train_returns=()):
     """A run directory as train.py leaves it, by hand: config.json, eval_*.json, metrics.jsonl."""
     path.mkdir(parents=True)

@@ -53,6 +53,8 @@ def test_smoke_run_leaves_checkpoint_logs_video_and_images(smoke_run):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     episodes = [r for r in rows if "episode/return" in r]
     assert episodes and all(-21 <= r["episode/return"] <= 21 for r in episodes)
+    elapsed = [r["time/elapsed"] for r in episodes]  # the run's own seconds, for curves over jobs
+    assert elapsed == sorted(elapsed) and 0 < elapsed[0]
     trained = [r for r in rows if "loss/rec" in r]
     assert trained and all("fps/env" in r and "replay/size" in r for r in trained)
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
