@@ -26,13 +26,26 @@ def symexp(x):
     return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
+def softmax(x):
+    """torch.softmax over the last axis.
+
+    On the CPU, torch's kernel for a last axis shorter than 16 (the tiny model's 8 classes, the
+    4 to 9 actions of many games) takes about ten times as long as the same softmax over the
+    second-to-last axis of a transposed view: 0.6 against 0.05 ms for the (128, 32, 8) prior of
+    an imagination step at the CPU preset's shape. The two agree to a float rounding. The copy
+    back to a contiguous tensor keeps the ops after it (argmax over the classes) fast."""
+    if x.device.type == "cpu" and x.dim() > 1 and x.shape[-1] < 16:
+        return torch.softmax(x.transpose(-1, -2), -2).transpose(-1, -2).contiguous()
+    return torch.softmax(x, -1)
+
+
 def unimix(logits, mix):
     """Log-probabilities of (1 - mix) * softmax(logits) + mix / K.
 
     The uniform floor keeps every class reachable, so KL terms and log-probabilities stay
     finite even when the network becomes confident (paper, section 'Robust predictions').
     """
-    probs = torch.softmax(logits.float(), -1)
+    probs = softmax(logits.float())
     if mix > 0:
         probs = (1 - mix) * probs + mix / logits.shape[-1]
     return torch.log(probs)

@@ -57,6 +57,17 @@ def test_profile_update_lists_the_update_s_ops_and_its_image_stacks():
     assert r["encoder_ms"] > 0 and r["decoder_ms"] > 0
 
 
+
+def test_softmax_speed_times_both_softmaxes_alone_and_in_turn_in_the_update():
+    r = run_bench("softmax_speed.py", "--batch_size", "2", "--sequence_length", "4", "--horizon", "2",
+                  "--pairs", "2", "--repeats", "3")
+    # The tiny model's (B·T, 32, 8) and (B, 32, 8) latents and the (B·T, actions) policy.
+    assert [op["shape"] for op in r["ops"]] == [[8, 32, 8], [2, 32, 8], [8, 6]]
+    assert all(op[k] > 0 for op in r["ops"] for k in ("torch_us", "ours_us", "torch_fwd_bwd_us", "ours_fwd_bwd_us"))
+    assert r["pairs"] == 2 and r["update_plain_s"] > 0 and r["update_ours_s"] > 0
+    q1, median, q3 = r["update_ratio_quartiles"]
+    assert q1 <= median <= q3 and r["update_ratio"] == pytest.approx(median)
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_peak(dtype):
     r = run_bench("peak.py", "--size", "128", "--seconds", "0.1", "--threads", "1", "--dtype", dtype)

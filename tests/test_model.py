@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from model import LaProp, Normalize, TwoHot, categorical_kl, lambda_return, openloop, symexp, symlog, unimix
+from model import LaProp, Normalize, TwoHot, categorical_kl, lambda_return, openloop, softmax, symexp, symlog, unimix
 
 
 def tiny_agent(num_actions=3, seed=0, **kw):
@@ -171,6 +171,30 @@ def test_unimix_mixes_one_percent_uniform():
     assert unimix(torch.tensor([-1e9, 0.0, -1e9, -1e9]), 0.01).exp().min().item() == \
         pytest.approx(0.0025)
 
+
+
+def test_softmax_over_short_and_long_last_axes_is_torch_s_up_to_rounding():
+    """model.softmax takes a last axis shorter than 16 (the tiny model's 8 classes, a game's few
+    actions) across a transposed view on the CPU: the same values and gradients as
+    torch.softmax over the last axis, within a float rounding, in a contiguous tensor."""
+    hand = softmax(torch.tensor([[0.0, math.log(3.0)], [math.log(4.0), 0.0]]))
+    assert torch.allclose(hand, torch.tensor([[0.25, 0.75], [0.8, 0.2]]), atol=1e-7)
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(128, 32, 8), (4, 6), (2, 3, 15), (2, 3, 16), (5, 255), (7,)]:
+        x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
+        g = torch.randn(shape, generator=gen)
+        ours = softmax(x)
+        assert ours.is_contiguous() and ours.shape == x.shape
+        (grad,) = torch.autograd.grad(ours, x, g)
+        (ref_grad,) = torch.autograd.grad(torch.softmax(x, -1), x, g)
+        assert torch.allclose(ours, torch.softmax(x, -1), rtol=0, atol=1e-6), shape
+        assert torch.allclose(grad, ref_grad, rtol=0, atol=1e-6), shape
+    # unimix over (batch, latents, classes): each latent's own 8 classes
+    logits = torch.zeros(2, 32, 8)
+    logits[..., 3] = 50.0
+    probs = unimix(logits, 0.01).exp()
+    assert torch.allclose(probs[..., 3], torch.full((2, 32), 0.99 + 0.01 / 8))
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 32))
 
 def laprop_reference(params, grads, lr, warmup, b1=0.9, b2=0.999, eps=1e-20, agc=0.3, pmin=1e-3):
     """The optimizer written out in numpy, step by step, for one tensor."""
