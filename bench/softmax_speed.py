@@ -22,21 +22,12 @@ import torch
 import common  # also puts the repo root on sys.path
 import model
 import train
+from profile_update import timed
 from update_speed import synthetic_batch
 
 
 def plain_softmax(x):
     return torch.softmax(x, -1)
-
-
-def median_us(step, repeats):
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
 
 
 def op_times(shape, repeats):
@@ -45,8 +36,8 @@ def op_times(shape, repeats):
     row = dict(shape=list(shape))
     for name, fn in (("torch", plain_softmax), ("ours", model.softmax)):
         with torch.no_grad():
-            row[f"{name}_us"] = median_us(lambda: fn(x), repeats)
-        row[f"{name}_fwd_bwd_us"] = median_us(lambda: fn(x).backward(grad), repeats)
+            row[f"{name}_us"] = 1e6 * timed(lambda: fn(x), repeats)
+        row[f"{name}_fwd_bwd_us"] = 1e6 * timed(lambda: fn(x).backward(grad), repeats)
     return row
 
 
