@@ -50,6 +50,20 @@ def image_stacks_ms(agent, batch, repeats):
     return 1e3 * encoder, 1e3 * decoder
 
 
+def cpu_update(args, model_size):
+    """Torch threads, seed and allocator as a CPU run sets them; an agent of `model_size`, its
+    optimizer and a synthetic batch at the shape of args (batch_size, sequence_length, horizon,
+    num_actions, threads, seed). Returns (threads, agent, opt, batch)."""
+    threads = common.set_threads(args.threads)
+    train.seed_everything(args.seed)
+    device = torch.device("cpu")
+    train.set_up_device(device)
+    cfg = train.Config(env="ALE/Pong-v5", model_size=model_size, batch_size=args.batch_size,
+                       sequence_length=args.sequence_length, imagination_horizon=args.horizon)
+    agent, opt = train.build_agent(cfg, args.num_actions, device)
+    batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
+    return threads, agent, opt, batch
+
 def main(argv=None):
     preset = train.PRESETS["cpu"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,14 +78,7 @@ def main(argv=None):
         p.error("--updates and --top must be >= 1")
 
     with common.quiet_stdout():
-        threads = common.set_threads(args.threads)
-        train.seed_everything(args.seed)
-        device = torch.device("cpu")
-        train.set_up_device(device)
-        cfg = train.Config(env="ALE/Pong-v5", model_size=args.model_size, batch_size=args.batch_size,
-                           sequence_length=args.sequence_length, imagination_horizon=args.horizon)
-        agent, opt = train.build_agent(cfg, args.num_actions, device)
-        batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
+        threads, agent, opt, batch = cpu_update(args, args.model_size)
         update = lambda: train.train_step(agent, opt, batch, autocast=contextlib.nullcontext())  # noqa: E731
         for _ in range(args.warmup_updates):
             update()

@@ -22,8 +22,7 @@ import torch
 import common  # also puts the repo root on sys.path
 import model
 import train
-from profile_update import timed
-from update_speed import synthetic_batch
+from profile_update import cpu_update, timed
 
 
 def plain_softmax(x):
@@ -57,19 +56,12 @@ def main(argv=None):
         p.error("--pairs and --repeats must be >= 1")
 
     with common.quiet_stdout():
-        threads = common.set_threads(args.threads)
-        train.seed_everything(args.seed)
-        device = torch.device("cpu")
-        train.set_up_device(device)
-        cfg = train.Config(env="ALE/Pong-v5", model_size="tiny", batch_size=args.batch_size,
-                           sequence_length=args.sequence_length, imagination_horizon=args.horizon)
-        agent, opt = train.build_agent(cfg, args.num_actions, device)
+        threads, agent, opt, batch = cpu_update(args, "tiny")
         n = args.batch_size * args.sequence_length
         classes = train.SIZES["tiny"]["classes"]
         ops = [op_times(shape, args.repeats)
                for shape in ((n, 32, classes), (args.batch_size, 32, classes), (n, args.num_actions))]
 
-        batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
         fns, times = dict(plain=plain_softmax, ours=model.softmax), dict(plain=[], ours=[])
         try:
             for i in range(args.pairs + 1):  # the first pair warms up
