@@ -87,14 +87,19 @@ def is_pickle(path):
         return zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"
 
 
+def safe_load(path, mmap=False):
+    """torch.load with weights_only: plain data and the globals allowed around it, nothing run."""
+    with warnings.catch_warnings():  # torch's note on a plain pickle file: the error says it
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def read_checkpoint(path, mmap=False):
     """The payload of a checkpoint file, loaded safely (weights_only: no code runs) and with its
     numpy values back (`from_safe`). Raises ValueError with one line for a file the safe load
     refuses, and the load's own error for an unreadable one."""
     try:
-        with warnings.catch_warnings():  # torch's note on a plain pickle file: the error says it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        payload = safe_load(path, mmap)
     except pickle.UnpicklingError:
         if not is_pickle(path):  # junk, not a refused object: the caller's "not readable"
             raise
@@ -371,11 +376,28 @@ def snapshots(run_dir):
     return sorted(found)
 
 
+def earlier_versions_globals():
+    """The classes and functions that checkpoints of earlier versions pickled besides plain data:
+    numpy arrays, dtypes and scalars (under numpy 2's module names and numpy 1's) and ALE states.
+    The conversion's load allows these by name and nothing else, so no other code in a file can
+    run."""
+    from ale_py import ALEState
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [np.ndarray, np.dtype, ALEState]
+    if hasattr(np, "dtypes"):  # numpy 2 pickles a dtype with its class (np.dtypes.UInt8DType, ...)
+        allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    for name in ("_reconstruct", "scalar"):
+        fn = getattr(multiarray, name)
+        allowed += [(fn, f"numpy._core.multiarray.{name}"), (fn, f"numpy.core.multiarray.{name}")]
+    return allowed
+
+
 def convert_checkpoint(path):
     """--convert_checkpoint: rewrite a checkpoint of an earlier version (numpy arrays and ALE
-    states inside, which a safe load refuses) in safe types, keeping the original as PATH.bak.
-    The one place where a checkpoint is loaded with weights_only=False, as its code could run:
-    the user vouches for the file by asking. Returns the line to print."""
+    states inside, which the plain safe load refuses) in safe types, keeping the original as
+    PATH.bak. Its load is still weights_only, with those types allowed by name
+    (`earlier_versions_globals`). Returns the line to print."""
     if not os.path.isfile(path):
         raise ValueError(f"--convert_checkpoint {path}: no such file")
     try:
@@ -386,7 +408,11 @@ def convert_checkpoint(path):
     except Exception as e:
         raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(earlier_versions_globals()):
+            payload = safe_load(path)
+    except pickle.UnpicklingError:
+        raise ValueError(f"--convert_checkpoint {path}: holds objects that no version of this program "
+                         f"wrote; not loaded") from None
     except Exception as e:
         raise ValueError(f"--convert_checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
     missing = {"agent", "optimizer", "counters", "config"} - set(payload if isinstance(payload, dict) else ())

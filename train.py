@@ -105,8 +105,8 @@ class Config:
                           "auto: <run_dir>/checkpoint.pt if there is one, else a fresh start")
     resume_wandb_id: str = arg("", "wandb run id to continue (default: the one stored in the checkpoint)")
     convert_checkpoint: str = arg("", "rewrite a checkpoint.pt of an earlier version, which a safe load refuses, "
-                                      "in safe types (the original kept as PATH.bak) and exit; only for a file "
-                                      "you trust")
+                                      "in safe types (the original kept as PATH.bak) and exit; its load allows "
+                                      "only those versions' numpy and ALE types")
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto (cuda if available), cuda, cuda:N or cpu")
     precision: str = arg("auto", "auto (bf16 autocast on CUDA, with TF32 for what stays in fp32; fp32 on the "
