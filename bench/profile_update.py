@@ -64,6 +64,7 @@ def cpu_update(args, model_size):
     batch = synthetic_batch(args.batch_size, args.sequence_length, args.num_actions, device, args.seed)
     return threads, agent, opt, batch
 
+
 def main(argv=None):
     preset = train.PRESETS["cpu"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
