@@ -75,7 +75,8 @@ class Config:
     lives: str = arg("unused", "Atari lives: unused (a lost life is neither terminal nor last, as in the official "
                                "code) or discount (a lost life is terminal for the continue and value targets; "
                                "the episode goes on until the game is over)")
-    preset: str = arg("", "settings preset: atari100k, cpu (learns within the hour on a few CPU cores) or none "
+    preset: str = arg("", "settings preset: atari100k, cpu (the tiny model and many small updates: some "
+                          "Atari games learn within the hour on two CPU cores) or none "
                           "(the defaults); flags given explicitly win. Default: cpu when --device auto finds no "
                           "GPU and no --model_size is given, else none")
     atari100k: bool = arg(False, "Atari100k preset: 1 env, no sticky actions, 100k steps, train ratio 256 "
@@ -121,7 +122,8 @@ def _parser(suppress_defaults=False):
     parser = argparse.ArgumentParser(
         description="DreamerV3 for Atari", argument_default=argparse.SUPPRESS if suppress_defaults else None)
     for f in dataclasses.fields(Config):
-        help = f"{f.metadata['help']} (default: {f.default})"
+        # An empty default means "not set"; such flags say in their help what happens without them.
+        help = f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else "")
         default = {} if suppress_defaults else {"default": f.default}
         if f.type is bool or f.type == "bool":
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help,

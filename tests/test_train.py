@@ -242,6 +242,7 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for f in dataclasses.fields(train.Config):
         assert f"--{f.name}" in result.stdout
+    assert "(default: )" not in result.stdout  # flags without a default say what happens without them
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
