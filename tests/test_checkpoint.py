@@ -50,7 +50,7 @@ def test_numpy_values_come_back_with_their_types_from_a_safe_load(tmp_path):
     save_checkpoint(str(tmp_path / "c.pt"), payload)
     torch.load(tmp_path / "c.pt", weights_only=True)  # the file itself passes the safe load
     back = read_checkpoint(str(tmp_path / "c.pt"))
-    for x, y in zip(payload["arrays"] + payload["scalars"], back["arrays"] + back["scalars"]):
+    for x, y in zip(payload["arrays"] + payload["scalars"], back["arrays"] + back["scalars"], strict=True):
         assert type(x) is type(y) and x.dtype == y.dtype and np.array_equal(x, y), (x, y)
     assert back["plain"] == payload["plain"] and back["generator"] == payload["generator"]
     assert back["python"] == payload["python"]

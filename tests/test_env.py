@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from env import Episodes, check_env_id, make_env
+from env import Atari, Episodes, check_env_id, make_env, resize
 from replay import from_bf16_bits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +140,39 @@ def test_atari_frames_are_64x64_rgb_uint8():
     obs2, reward, *_ = env.step(1)
     env.close()
     assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and obs2.shape == (64, 64, 3)
+
+
+def test_atari_step_repeats_the_action_four_frames_sums_rewards_and_pools_the_last_two():
+    """The wrapped env against the raw ALE env (frameskip 1, no sticky actions, no no-ops) stepped
+    four frames at a time: the frame is the resized max of the last two, the reward the sum."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+
+    def ale():
+        return gym.make("ALE/Boxing-v5", frameskip=1, repeat_action_probability=0.0, full_action_space=False)
+
+    raw, wrapped = ale(), Atari(ale(), repeat=4, noops=0)
+    obs, _ = wrapped.reset(seed=0)
+    first, _ = raw.reset(seed=0)
+    assert np.array_equal(obs, resize(first))
+    actions = np.random.default_rng(0).integers(0, raw.action_space.n, 60)
+    pooled_differs, rewards = False, []
+    for action in actions:
+        obs, reward, *_ = wrapped.step(action)
+        frames, total = [], 0.0
+        for _ in range(4):
+            frame, r, *_ = raw.step(action)
+            frames.append(frame)
+            total += r
+        assert np.array_equal(obs, resize(np.maximum(frames[-1], frames[-2]))) and reward == total
+        pooled_differs |= not np.array_equal(obs, resize(frames[-1]))
+        rewards.append(reward)
+    raw.close()
+    wrapped.close()
+    # The comparisons tell the max-pool from the last frame, and the sum from the last reward.
+    assert pooled_differs and sum(r != 0 for r in rewards) >= 2
 
 
 @pytest.mark.parametrize("env_id", ["ALE/Pongg-v5", "Pong", "nosuchmodule:Foo-v0"])

@@ -7,7 +7,19 @@ import torch
 import torch.nn.functional as F
 
 import train
-from model import LaProp, Normalize, TwoHot, categorical_kl, lambda_return, openloop, softmax, symexp, symlog, unimix
+from model import (
+    AgentPolicy,
+    LaProp,
+    Normalize,
+    TwoHot,
+    categorical_kl,
+    lambda_return,
+    openloop,
+    softmax,
+    symexp,
+    symlog,
+    unimix,
+)
 
 
 def tiny_agent(num_actions=3, seed=0, **kw):
@@ -385,12 +397,53 @@ def test_full_loss_and_update_change_parameters_and_stay_finite():
         assert key in metrics
 
 
-def test_openloop_shapes():
+def test_openloop_sees_the_context_frames_and_the_actions_but_not_the_later_frames():
     agent, _ = tiny_agent()
     b = random_batch(T=6)
-    recon, imagined = openloop(agent, b["obs"], b["action"], b["is_first"], context=2)
+    later = random_batch(T=6, seed=1)["obs"]
+
+    def run(obs, action):
+        torch.manual_seed(0)  # the same latent samples: the draws do not depend on the values
+        with torch.no_grad():
+            return openloop(agent, obs, action, b["is_first"], context=2)
+
+    recon, imagined = run(b["obs"], b["action"])
     assert recon.shape == (2, 6, 64, 64, 3) and imagined.shape == (2, 4, 64, 64, 3)
-    assert 0 <= recon.min() and recon.max() <= 1
+    assert 0 <= recon.min() and recon.max() <= 1 and 0 <= imagined.min() and imagined.max() <= 1
+    # Frames after the context change the reconstructions but not the open-loop predictions.
+    obs = torch.cat([b["obs"][:, :2], later[:, 2:]], 1)
+    recon_b, imagined_b = run(obs, b["action"])
+    assert torch.equal(imagined_b, imagined) and not torch.equal(recon_b[:, 2:], recon[:, 2:])
+    assert torch.equal(recon_b[:, :2], recon[:, :2])
+    # The last context frame (the rollout starts from its state) and the action chosen at it do.
+    obs = torch.cat([b["obs"][:, :1], later[:, 1:2], b["obs"][:, 2:]], 1)
+    assert not torch.equal(run(obs, b["action"])[1], imagined)
+    action = b["action"].clone()
+    action[:, 1] = (action[:, 1] + 1) % 3
+    assert not torch.equal(run(b["obs"], action)[1][:, 0], imagined[:, 0])
+
+
+def test_acting_samples_the_mixed_policy_and_greedy_takes_its_mode():
+    """An actor with fixed logits (0, 1, −1): sampled actions follow its probabilities after the 1 %
+    uniform mix, within four standard errors over 2,000 envs; greedy acting (evaluation's
+    --eval_greedy) takes action 1 whatever the RNG."""
+    agent, _ = tiny_agent()
+    logits = torch.tensor([0.0, 1.0, -1.0])
+    with torch.no_grad():
+        agent.actor[-1].weight.zero_()
+        agent.actor[-1].bias.copy_(logits)
+    p = 0.99 * torch.softmax(logits, -1) + 0.01 / 3
+    n = 2000
+    obs = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    first = torch.ones(n, dtype=torch.bool)
+    torch.manual_seed(1)
+    action, _ = agent.act(obs, first, agent.initial_state(n, torch.device("cpu")))
+    freq = torch.bincount(action, minlength=3) / n
+    assert ((freq - p).abs() < 4 * (p * (1 - p) / n).sqrt()).all(), (freq, p)
+    policy = AgentPolicy(agent, 64, torch.device("cpu"), greedy=True)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert (policy(obs[:64].numpy(), first[:64].numpy()) == 1).all()
 
 
 def test_policy_loss_with_zero_advantage_is_the_entropy_bonus_of_actor_entropy():

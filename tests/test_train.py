@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,7 +77,8 @@ def test_resume_continues_from_saved_counters(smoke_run, tmp_path):
     assert after["counters"]["updates"] > before["counters"]["updates"]
     assert after["wandb_id"] == before["wandb_id"]
     assert after["config"]["num_envs"] == 2 and after["config"]["model_size"] == "tiny"
-    # The slow critic and the return normaliser come back from the checkpoint, then move on.
+    # The updates went on (that the normaliser, slow critic and optimizer come back exactly is
+    # tested below and by the bit-for-bit resumes of tests/test_resume.py).
     assert not torch.equal(after["agent"]["retnorm.hi"], before["agent"]["retnorm.hi"])
     steps = [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert max(steps) > 2000
@@ -372,6 +374,21 @@ def test_unreadable_resume_and_wandb_key_are_one_line_errors(tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"{flag} {secret}: not readable (permission denied)" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_file_the_system_refuses_to_read_is_a_one_line_error(tmp_path, monkeypatch):
+    """The checks of the test above, for a process that may read every file (root, as on the CI
+    machine, which skips that test): here the system's access check refuses the one file."""
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and str(path) != str(secret))
+    cfg = train.Config(env="tests.catch:Catch-v0", wandb_key=str(secret))
+    path = re.escape(str(secret))
+    with pytest.raises(ValueError, match=rf"^--wandb_key {path}: not readable \(permission denied\)$"):
+        train.check_config(cfg)
+    with pytest.raises(ValueError, match=rf"^--resume {path}: not readable \(permission denied\)$"):
+        load_checkpoint(str(secret))
 
 
 def test_too_little_disk_space_warns_once(tmp_path, monkeypatch, capsys):
