@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts in bench/: each runs with tiny settings (the Python ones
 print one JSON line); the table and curve scripts on hand-made run directories."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -241,6 +242,14 @@ def test_learn_atari_cpu_script_compares_with_the_random_policy(tmp_path):
     r = json.loads(proc.stdout.splitlines()[-1])
     assert r["env"] == "ALE/Pong-v5" and r["trained_episodes"] == 2 and r["random_episodes"] == 2
     assert -21 <= r["random_mean"] <= -15 and -21 <= r["trained_mean"] <= -15  # untrained: random
+    # The trained side is the log's last 2 episodes; the margin is two standard errors of the
+    # difference of the two means (sample standard deviations).
+    returns = [row["episode/return"] for row in map(json.loads, open(run / "metrics.jsonl"))
+               if "episode/return" in row][-2:]
+    mean = sum(returns) / 2
+    assert r["trained_mean"] == pytest.approx(mean)
+    assert r["trained_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in returns)))  # ddof 1
+    assert r["margin_2se"] == pytest.approx(2 * math.sqrt(r["trained_std"] ** 2 / 2 + r["random_std"] ** 2 / 2))
     assert r["above_random"] == (r["trained_mean"] - r["random_mean"] > r["margin_2se"])
     assert (run / "return_curve.png").exists() and (run / "versus_random.json").exists()
 
