@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from env import Atari, Episodes, check_env_id, make_env, resize
+from env import Episodes, check_env_id, make_env, resize
 from replay import from_bf16_bits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,15 +145,10 @@ def test_atari_frames_are_64x64_rgb_uint8():
 def test_atari_step_repeats_the_action_four_frames_sums_rewards_and_pools_the_last_two():
     """The wrapped env against the raw ALE env (frameskip 1, no sticky actions, no no-ops) stepped
     four frames at a time: the frame is the resized max of the last two, the reward the sum."""
-    import ale_py
-    import gymnasium as gym
+    def game():
+        return make_env("ALE/Boxing-v5", sticky=0.0, repeat=4, noops=0)()
 
-    gym.register_envs(ale_py)
-
-    def ale():
-        return gym.make("ALE/Boxing-v5", frameskip=1, repeat_action_probability=0.0, full_action_space=False)
-
-    raw, wrapped = ale(), Atari(ale(), repeat=4, noops=0)
+    raw, wrapped = game().env, game()  # the ALE env inside the wrapper, and a wrapped one
     obs, _ = wrapped.reset(seed=0)
     first, _ = raw.reset(seed=0)
     assert np.array_equal(obs, resize(first))
