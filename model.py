@@ -821,6 +821,16 @@ class LaProp(torch.optim.Optimizer):
 
 
 @torch.no_grad()
+def reconstruct(agent, obs, action, is_first, start=None):
+    """The posterior of a replayed batch (obs (N, T, 64, 64, 3) uint8, action (N, T), is_first
+    (N, T), start as in `Dreamer.world_model_loss`) and the decoder's frames of it: deter, stoch
+    and recon (N, T, 64, 64, 3) in [0, 1]."""
+    state, prev_action = agent.window_start(action, start)
+    deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first, state)
+    return deter, stoch, agent.decoder(agent.rssm.feat(deter, stoch))
+
+
+@torch.no_grad()
 def openloop(agent, obs, action, is_first, context=5, start=None):
     """Reconstructions of a replayed batch and open-loop predictions after `context` frames.
 
@@ -829,9 +839,8 @@ def openloop(agent, obs, action, is_first, context=5, start=None):
     imagined frames (N, T − context, 64, 64, 3) from the prior driven by the replayed actions,
     both in [0, 1].
     """
-    state, prev_action = agent.window_start(action, start)
-    deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first, state)
-    recon = agent.decoder(agent.rssm.feat(deter, stoch))
+    deter, stoch, recon = reconstruct(agent, obs, action, is_first, start)
+    prev_action = agent.window_start(action, start)[1]
     d, s = deter[:, context - 1], stoch[:, context - 1]
     feats = []
     for t in range(context, obs.shape[1]):

@@ -92,6 +92,18 @@ def run_config(run_dir):
     return {"env": records[-1]["env"]} if records else {}
 
 
+def checkpoint_config(checkpoint, **changes):
+    """The train.Config a checkpoint's run was made with (fields this version lacks are dropped),
+    with `changes` applied."""
+    import dataclasses
+
+    import train
+
+    saved = checkpoint["config"]
+    cfg = train.Config(**{f.name: saved[f.name] for f in dataclasses.fields(train.Config) if f.name in saved})
+    return dataclasses.replace(cfg, **changes)
+
+
 def add_timing_args(p, warmup, updates, threads, threads_help):
     """The flags every update benchmark shares: untimed and timed updates, actions, threads, seed."""
     p.add_argument("--warmup_updates", type=int, default=warmup, help="untimed updates first (compile, allocator)")

@@ -11,7 +11,6 @@ written: the run's own eval_<step>.json files are left as they are.
 """
 import argparse
 import csv
-import dataclasses
 import os
 
 import torch
@@ -26,11 +25,10 @@ from run_state import load_checkpoint
 
 def snapshot_config(checkpoint, args):
     """The run's Config as the snapshot saved it, with this command's evaluation settings."""
-    saved = checkpoint["config"]
-    cfg = train.Config(**{f.name: saved[f.name] for f in dataclasses.fields(train.Config) if f.name in saved})
-    greedy = cfg.eval_greedy if args.eval_greedy is None else args.eval_greedy
-    return dataclasses.replace(cfg, eval_episodes=args.eval_episodes, eval_envs=args.eval_envs,
-                               eval_greedy=greedy, device=args.device)
+    changes = dict(eval_episodes=args.eval_episodes, eval_envs=args.eval_envs, device=args.device)
+    if args.eval_greedy is not None:
+        changes["eval_greedy"] = args.eval_greedy
+    return common.checkpoint_config(checkpoint, **changes)
 
 
 def plot(rows, path, title):

@@ -1,16 +1,23 @@
 """Smoke tests of the benchmark scripts in bench/: each runs with tiny settings (the Python ones
 print one JSON line); the table and curve scripts on hand-made run directories."""
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 
+import imageio.v2 as imageio
 import pytest
+import torch
 
-from run_state import load_checkpoint
+import train
+from env import make_env
+from run_state import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import reconstruction  # noqa: E402  (bench/ is not a package)
 
 
 def run_bench(name, *args):
@@ -268,3 +275,30 @@ def test_checkpoint_speed_with_a_saved_replay():
     assert r["latents_bytes"] >= 400 * (2 * 128 + 32)  # tiny: deter 128
     assert 400 * 12_303 <= r["replay_disk_bytes"]
     assert max(r["replay_disk_bytes_before_commit"], r["replay_disk_bytes_after_commit"]) <= r["estimate_bytes"]
+
+
+def test_reconstruction_counts_the_pixels_a_world_model_leaves_out(tmp_path):
+    """bench/reconstruction.py on a checkpoint whose decoder draws every frame black: its error is
+    the brightness of the random policy's frames, and the pixels brighter than the threshold (the
+    ball and the paddle of Catch) are missed."""
+    cfg = train.Config(env="tests.catch:Catch-v0", model_size="tiny")
+    agent, _ = train.build_agent(cfg, 3, torch.device("cpu"))
+    last = agent.decoder.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-30.0)  # sigmoid → 1e-13
+    save_checkpoint(str(tmp_path / "checkpoint.pt"), dict(agent=agent.state_dict(), config=dataclasses.asdict(cfg),
+                                                         counters=dict(env_steps=7, updates=3)))
+    r = run_bench("reconstruction.py", str(tmp_path), "--steps", "40", "--seed", "4", "--threshold", "0.3",
+                  "--png", str(tmp_path / "recon.png"))
+
+    frames, actions, first = reconstruction.play(make_env(cfg.env)(), 40, seed=4)
+    assert first[0] and first.sum() > 1 and len(set(actions)) == 3  # episodes end inside the 40 steps
+    error = (frames / 255.0).mean(-1)
+    missed = (error > 0.3).sum((1, 2))
+    assert missed.max() > 0 and missed.min() < missed.max()  # the frames differ in what is missed
+    assert (r["agent_steps"], r["updates"], r["frames"], r["threshold"]) == (7, 3, 40, 0.3)
+    assert r["mean_abs_error"] == pytest.approx(error.mean(), abs=1e-5)
+    assert r["missed_pixels_per_frame"] == pytest.approx(missed.mean(), abs=0.01)
+    assert r["frames_with_a_missed_pixel"] == pytest.approx((missed > 0).mean(), abs=1e-3)
+    assert imageio.imread(r["png"]).shape == (3 * 64 * 4, 8 * 64 * 4, 3)  # 8 frames; frame, model, error
