@@ -713,13 +713,17 @@ class Dreamer(nn.Module):
         boot = ret[:, 0].reshape(B, T).detach()
         losses["repval"], rv_metrics = self.replay_value_loss(feat, reward, is_last, is_terminal,
                                                               boot)
-        total = sum(self.loss_scales[k] * v.mean() for k, v in losses.items())
+        total = self.scaled_total(losses)
         metrics.update(beh_metrics)
         metrics.update(rv_metrics)
         metrics.update({f"loss/{k}": v.mean() for k, v in losses.items()})
         metrics["loss/total"] = total
         latents = dict(deter=post["deter"].detach(), stoch=self.rssm.stoch_indices(post["stoch"].detach()))
         return total, {k: v.detach() for k, v in metrics.items()}, latents
+
+    def scaled_total(self, losses):
+        """The sum of the losses' means (each (B, T) or (N, H)), each times its scale."""
+        return sum(self.loss_scales[k] * v.mean() for k, v in losses.items())
 
     @torch.no_grad()
     def update_slow_critic(self):

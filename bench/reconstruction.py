@@ -26,21 +26,36 @@ from utils import image_grid, write_image
 
 
 def play(env, steps, seed):
-    """Frames (T, 64, 64, 3) uint8, the action taken at each (T,) and is_first (T,) of a random
-    policy."""
+    """`steps` agent steps of a uniformly random policy, a new episode where one ends: a dict of
+    arrays (steps, ...) with the frames (uint8), the action taken at each frame, the reward and
+    terminal flag that the action led to, and is_first."""
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
-    frames, actions, first, done = [], [], [], True
+    keys = ("obs", "action", "reward", "is_terminal", "is_first")
+    data, done = {key: [] for key in keys}, True
     for _ in range(steps):
         action = int(rng.integers(env.action_space.n))
-        frames.append(obs)
-        actions.append(action)
-        first.append(done)
-        obs, _, terminated, truncated, _ = env.step(action)
+        data["obs"].append(obs)
+        data["action"].append(action)
+        data["is_first"].append(done)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        data["reward"].append(reward)
+        data["is_terminal"].append(terminated)
         done = terminated or truncated
         if done:
             obs, _ = env.reset()
-    return np.stack(frames), np.array(actions), np.array(first)
+    dtypes = dict(obs=np.uint8, action=np.int64, reward=np.float32, is_terminal=bool, is_first=bool)
+    return {key: np.array(value, dtypes[key]) for key, value in data.items()}
+
+
+def pixel_errors(agent, data, threshold):
+    """The reconstruction of each frame of `data` (see `play`) by the agent's world model, its
+    error per pixel (T, 64, 64; averaged over the colours) and the missed pixels per frame (T,)."""
+    agent.eval()
+    _, _, recon = reconstruct(agent, *(torch.as_tensor(data[key])[None] for key in ("obs", "action", "is_first")))
+    recon = recon[0].numpy()
+    error = np.abs(recon - data["obs"].astype(np.float32) / 255.0).mean(-1)
+    return recon, error, (error > threshold).sum((1, 2))
 
 
 def main(argv=None):
@@ -65,14 +80,9 @@ def main(argv=None):
             load_weights(cfg, checkpoint, agent)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        frames, actions, first = play(env, args.steps, args.seed)
+        data = play(env, args.steps, args.seed)
         env.close()
-        agent.eval()
-        _, _, recon = reconstruct(agent, torch.as_tensor(frames)[None], torch.as_tensor(actions)[None],
-                                  torch.as_tensor(first)[None])
-        truth = frames.astype(np.float32) / 255.0
-        error = np.abs(recon[0].numpy() - truth).mean(-1)  # (T, 64, 64)
-        missed = (error > args.threshold).sum((1, 2))  # per frame
+        recon, error, missed = pixel_errors(agent, data, args.threshold)
         record = dict(run_dir=args.run_dir, env=cfg.env, agent_steps=checkpoint["counters"].get("env_steps", 0),
                       updates=checkpoint["counters"].get("updates", 0), frames=args.steps,
                       mean_abs_error=round(float(error.mean()), 5),
@@ -80,7 +90,7 @@ def main(argv=None):
                       missed_pixels_per_frame=round(float(missed.mean()), 2), threshold=args.threshold)
         if args.png:
             worst = np.sort(np.argsort(-missed, kind="stable")[:8])
-            rows = [truth[worst], recon[0].numpy()[worst], np.repeat(error[worst, ..., None], 3, -1)]
+            rows = [data["obs"][worst] / 255.0, recon[worst], np.repeat(error[worst, ..., None], 3, -1)]
             record["png"] = write_image(args.png, image_grid(rows).repeat(4, 0).repeat(4, 1))
     common.emit(record)
 

@@ -292,9 +292,10 @@ def test_reconstruction_counts_the_pixels_a_world_model_leaves_out(tmp_path):
     r = run_bench("reconstruction.py", str(tmp_path), "--steps", "40", "--seed", "4", "--threshold", "0.3",
                   "--png", str(tmp_path / "recon.png"))
 
-    frames, actions, first = reconstruction.play(make_env(cfg.env)(), 40, seed=4)
-    assert first[0] and first.sum() > 1 and len(set(actions)) == 3  # episodes end inside the 40 steps
-    error = (frames / 255.0).mean(-1)
+    data = reconstruction.play(make_env(cfg.env)(), 40, seed=4)
+    assert data["is_first"][0] and data["is_first"].sum() > 1  # episodes end inside the 40 steps
+    assert len(set(data["action"])) == 3 and (data["is_first"][1:] == data["is_terminal"][:-1]).all()
+    error = (data["obs"] / 255.0).mean(-1)
     missed = (error > 0.3).sum((1, 2))
     assert missed.max() > 0 and missed.min() < missed.max()  # the frames differ in what is missed
     assert (r["agent_steps"], r["updates"], r["frames"], r["threshold"]) == (7, 3, 40, 0.3)
@@ -302,3 +303,13 @@ def test_reconstruction_counts_the_pixels_a_world_model_leaves_out(tmp_path):
     assert r["missed_pixels_per_frame"] == pytest.approx(missed.mean(), abs=0.01)
     assert r["frames_with_a_missed_pixel"] == pytest.approx((missed > 0).mean(), abs=1e-3)
     assert imageio.imread(r["png"]).shape == (3 * 64 * 4, 8 * 64 * 4, 3)  # 8 frames; frame, model, error
+
+
+def test_world_model_fit_lowers_the_reconstruction_loss_and_checks_held_out_frames():
+    r = run_bench("world_model_fit.py", "Breakout", "--data_steps", "60", "--max_updates", "6", "--every", "3",
+                  "--batch_size", "2", "--sequence_length", "8", "--depth", "4")
+    assert (r["game"], r["depth"], r["held_out"], r["threads"]) == ("Breakout", 4, 200, 1)
+    first, last = r["curve"]
+    assert (first["updates"], last["updates"]) == (3, 6)
+    assert last["rec_loss"] < first["rec_loss"] and last["mean_abs_error"] < first["mean_abs_error"]
+    assert 0 < last["missed_pixels_per_frame"] <= 64 * 64  # an untrained model misses most of the frame
