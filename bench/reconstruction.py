@@ -71,6 +71,7 @@ def main(argv=None):
         p.error("--steps must be positive and --threshold between 0 and 1")
     path = os.path.join(args.run_dir, "checkpoint.pt")
     common.set_threads(args.threads)
+    torch.manual_seed(args.seed)  # the posterior's samples
     with common.quiet_stdout():
         try:
             checkpoint = load_checkpoint(path, evaluation=True)
