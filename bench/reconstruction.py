@@ -29,10 +29,10 @@ def play(env, steps, seed):
     """`steps` agent steps of a uniformly random policy, a new episode where one ends: a dict of
     arrays (steps, ...) with the frames (uint8), the action taken at each frame, the reward and
     terminal flag that the action led to, and is_first."""
+    dtypes = dict(obs=np.uint8, action=np.int64, reward=np.float32, is_terminal=bool, is_first=bool)
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
-    keys = ("obs", "action", "reward", "is_terminal", "is_first")
-    data, done = {key: [] for key in keys}, True
+    data, done = {key: [] for key in dtypes}, True
     for _ in range(steps):
         action = int(rng.integers(env.action_space.n))
         data["obs"].append(obs)
@@ -44,7 +44,6 @@ def play(env, steps, seed):
         done = terminated or truncated
         if done:
             obs, _ = env.reset()
-    dtypes = dict(obs=np.uint8, action=np.int64, reward=np.float32, is_terminal=bool, is_first=bool)
     return {key: np.array(value, dtypes[key]) for key, value in data.items()}
 
 
