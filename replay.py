@@ -432,9 +432,19 @@ class ReplayStore:
             raise ValueError(f"replay file {path} is missing or unreadable ({detail})") from None
 
     def disk_bytes(self):
-        """Bytes under the folder, with its subfolders (rank 0's holds the other ranks' replays)."""
-        return sum(os.path.getsize(os.path.join(folder, name))
+        """Bytes under the folder, with its subfolders (rank 0's holds the other ranks' replays,
+        which those ranks write while this one counts: a file renamed or deleted after the listing
+        is skipped, not an error)."""
+        return sum(size_or_zero(os.path.join(folder, name))
                    for folder, _, names in os.walk(self.dir) for name in names)
+
+
+def size_or_zero(path):
+    """The size of the file at `path`, or 0 if it is gone (another process renamed or deleted it)."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
 
 
 def checked(array, key, ring, steps):

@@ -69,6 +69,21 @@ def test_replay_store_writes_full_chunks_once_and_loads_back_the_ring(tmp_path):
     assert_same_replay(loaded, replay)
 
 
+def test_disk_bytes_counts_the_other_ranks_folders_and_skips_a_file_gone_since_the_listing(tmp_path):
+    """Rank 0's replay folder holds the other ranks' folders, whose files those ranks rename and
+    delete while rank 0 counts: a name listed whose file is gone (here a link to nothing, as a
+    .tmp renamed between the listing and the size) counts 0 bytes and is not an error."""
+    replay = Replay(60, 2, latent=(16, 32))
+    store = ReplayStore(str(tmp_path), replay, chunk_steps=16)
+    for _ in fill(replay, 8):
+        store.after_add()
+    other = tmp_path / "rank_1"
+    other.mkdir()
+    (other / "chunk_000000000.npz").write_bytes(b"x" * 1000)
+    os.symlink(other / "tail_000000000032.npz.tmp", other / "tail_000000000032.npz")  # its target is gone
+    assert store.disk_bytes() == os.path.getsize(tmp_path / "chunk_000000000.npz") + 1000
+
+
 def test_a_large_ring_saves_each_steps_latent_as_its_chunk_was_written(tmp_path):
     """Above exact_latents_bytes a checkpoint writes no ring latents: a full chunk brings back the
     latents its steps had when it was written, the tail those of the checkpoint."""
