@@ -8,8 +8,9 @@ The frames: `--data_steps` agent steps of a uniformly random policy on one env (
 env settings), and another 200 held out. The update: `train.train_step` with the world model's
 losses only (reconstruction, reward, continue, dynamics and representation; no imagination,
 actor or critic), the CPU preset's optimizer settings, windows of `--batch_size` ×
-`--sequence_length` drawn uniformly, each starting from the zero state. `--depth` and `--lr`
-change the tiny model's image stacks and the world model's learning rate, one thing at a time.
+`--sequence_length` drawn uniformly, each starting from the zero state. `--depth`, `--deter`,
+`--hidden`, `--classes` and `--units` change the tiny model's widths, `--lr` the world model's
+learning rate, `--rep_scale` the representation loss's scale.
 Prints one JSON line with the curve: updates, seconds, reconstruction loss (the mean of the
 last `--every` updates) and missed pixels per held-out frame.
 """
@@ -25,6 +26,7 @@ import common
 import train
 from env import make_env
 from evaluate import atari_id
+from model import Dreamer
 from reconstruction import pixel_errors, play
 
 HELD_OUT = 200
@@ -59,16 +61,24 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of the updates")
     p.add_argument("--max_updates", type=int, default=0, help="stop after this many updates (0: the budget)")
     p.add_argument("--every", type=int, default=1000, help="updates between two checks of the held-out frames")
-    p.add_argument("--depth", type=int, default=train.SIZES["tiny"]["depth"], help="the image stacks' base width")
+    for key, what in [("depth", "the image stacks' base width"), ("deter", "the recurrent state's width"),
+                      ("hidden", "the RSSM's hidden width"), ("classes", "classes of each of the 32 latents"),
+                      ("units", "the heads' width")]:
+        p.add_argument(f"--{key}", type=int, default=train.SIZES["tiny"][key], help=f"{what} (the tiny model's)")
     p.add_argument("--lr", type=float, default=train.PRESETS["cpu"]["lr"], help="the world model's learning rate")
+    p.add_argument("--rep_scale", type=float, default=Dreamer.loss_scales["rep"],
+                   help="the representation loss's scale (a diagnostic: how much the KL keeps the ball out)")
     p.add_argument("--batch_size", type=int, default=train.PRESETS["cpu"]["batch_size"])
     p.add_argument("--sequence_length", type=int, default=train.PRESETS["cpu"]["sequence_length"])
     p.add_argument("--threshold", type=float, default=0.25, help="error of a missed pixel (0 to 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if min(args.data_steps, args.every, args.depth, args.batch_size) <= 0 or args.sequence_length < 2:
-        p.error("--data_steps, --every, --depth and --batch_size must be positive, --sequence_length at least 2")
+    size = {key: getattr(args, key) for key in train.SIZES["tiny"]}
+    if min(args.data_steps, args.every, args.batch_size, *size.values()) <= 0 or args.sequence_length < 2:
+        p.error("--data_steps, --every, --batch_size and the widths must be positive, --sequence_length at least 2")
+    if size["deter"] % 8:
+        p.error("--deter must be a multiple of 8 (the GRU's blocks)")
     threads = common.set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -81,9 +91,10 @@ def main(argv=None):
         data = play(env, args.data_steps, args.seed)
         held_out = play(env, HELD_OUT, args.seed + 1)
         env.close()
-        train.SIZES["fit"] = dict(train.SIZES["tiny"], depth=args.depth)
+        train.SIZES["fit"] = size
         agent, opt = train.build_agent(dataclasses.replace(cfg, model_size="fit"), int(env.action_space.n),
                                        torch.device("cpu"))
+        agent.loss_scales = dict(agent.loss_scales, rep=args.rep_scale)
         loss_fn, curve, rec, start, updates = world_model_only(agent), [], [], time.perf_counter(), 0
         while True:
             metrics, _ = train.train_step(agent, opt, sample(data, args.batch_size, args.sequence_length, rng),
@@ -101,9 +112,9 @@ def main(argv=None):
                 rec = []
             if over:
                 break
-    common.emit(dict(game=args.game, data_steps=args.data_steps, held_out=HELD_OUT, depth=args.depth, lr=args.lr,
-                     batch_size=args.batch_size, sequence_length=args.sequence_length, threads=threads,
-                     threshold=args.threshold, curve=curve))
+    common.emit(dict(game=args.game, data_steps=args.data_steps, held_out=HELD_OUT, **size, lr=args.lr,
+                     rep_scale=args.rep_scale, batch_size=args.batch_size, sequence_length=args.sequence_length,
+                     threads=threads, threshold=args.threshold, curve=curve))
 
 
 if __name__ == "__main__":

@@ -307,8 +307,9 @@ def test_reconstruction_counts_the_pixels_a_world_model_leaves_out(tmp_path):
 
 def test_world_model_fit_lowers_the_reconstruction_loss_and_checks_held_out_frames():
     r = run_bench("world_model_fit.py", "Breakout", "--data_steps", "60", "--max_updates", "6", "--every", "3",
-                  "--batch_size", "2", "--sequence_length", "8", "--depth", "4")
-    assert (r["game"], r["depth"], r["held_out"], r["threads"]) == ("Breakout", 4, 200, 1)
+                  "--batch_size", "2", "--sequence_length", "8", "--depth", "4", "--deter", "16", "--rep_scale", "0")
+    assert (r["game"], r["depth"], r["deter"], r["rep_scale"], r["held_out"]) == ("Breakout", 4, 16, 0.0, 200)
+    assert r["threads"] == 1
     first, last = r["curve"]
     assert (first["updates"], last["updates"]) == (3, 6)
     assert last["rec_loss"] < first["rec_loss"] and last["mean_abs_error"] < first["mean_abs_error"]
