@@ -16,6 +16,7 @@ last `--every` updates) and missed pixels per held-out frame.
 """
 import argparse
 import dataclasses
+import inspect
 import sys
 import time
 
@@ -77,8 +78,9 @@ def main(argv=None):
     size = {key: getattr(args, key) for key in train.SIZES["tiny"]}
     if min(args.data_steps, args.every, args.batch_size, *size.values()) <= 0 or args.sequence_length < 2:
         p.error("--data_steps, --every, --batch_size and the widths must be positive, --sequence_length at least 2")
-    if size["deter"] % 8:
-        p.error("--deter must be a multiple of 8 (the GRU's blocks)")
+    blocks = inspect.signature(Dreamer).parameters["blocks"].default
+    if size["deter"] % blocks:
+        p.error(f"--deter must be a multiple of {blocks} (the GRU's blocks)")
     threads = common.set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
