@@ -293,16 +293,29 @@ class BlockLinear(nn.Module):
 
 
 class Encoder(nn.Module):
-    """64×64×3 uint8 frames → flat embedding. Four stride-2 convs down to 4×4."""
+    """64×64×3 uint8 frames → flat embedding, four conv layers down to 4×4.
 
-    def __init__(self, depth, mults=(2, 3, 4, 4), image_size=64):
+    Each layer halves the resolution with a 4×4 stride-2 convolution (the DreamerV3 paper's), or,
+    for the first `pool` layers, with a stride-1 `kernel`×`kernel` convolution and a 2×2 max pool
+    (the official code's current encoder): a one-pixel object at full resolution still reaches
+    the next layer at full strength, at several times the FLOPs.
+    """
+
+    def __init__(self, depth, mults=(2, 3, 4, 4), image_size=64, pool=0, kernel=5):
         super().__init__()
+        assert 0 <= pool <= len(mults) and kernel % 2 == 1, (pool, kernel)
         layers, ch = [], 3
-        for mult in mults:
-            conv = nn.Conv2d(ch, depth * mult, 4, stride=2, padding=1)
-            init_trunc_normal_(conv.weight, ch * 16)
+        for i, mult in enumerate(mults):
+            if i < pool:
+                conv = nn.Conv2d(ch, depth * mult, kernel, padding=kernel // 2)
+                init_trunc_normal_(conv.weight, ch * kernel ** 2)
+                layers += [conv, nn.MaxPool2d(2)]
+            else:
+                conv = nn.Conv2d(ch, depth * mult, 4, stride=2, padding=1)
+                init_trunc_normal_(conv.weight, ch * 16)
+                layers.append(conv)
             nn.init.zeros_(conv.bias)
-            layers += [conv, ChannelNorm(depth * mult), nn.SiLU()]
+            layers += [ChannelNorm(depth * mult), nn.SiLU()]
             ch = depth * mult
         self.net = nn.Sequential(*layers)
         self.out_dim = ch * (image_size // 2 ** len(mults)) ** 2
@@ -314,11 +327,30 @@ class Encoder(nn.Module):
         return self.net(x).reshape(*lead, -1)
 
 
-class Decoder(nn.Module):
-    """Model state → 64×64×3 image in [0, 1] (sigmoid), mirroring the encoder."""
+class Upsample(nn.Module):
+    """Nearest-neighbour 2× upsampling of (N, C, H, W) maps."""
 
-    def __init__(self, feat_dim, depth, mults=(2, 3, 4, 4), image_size=64):
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class Decoder(nn.Module):
+    """Model state → 64×64×3 image, mirroring the encoder: 4×4 stride-2 transposed convolutions,
+    or, for the last `pool` layers, a 2× nearest-neighbour upsampling and a stride-1
+    `kernel`×`kernel` convolution (the official code's current decoder).
+
+    output "sigmoid" (the official code's current decoder) gives an image in (0, 1); "linear"
+    (the first release's) the last layer's output + 0.5, which is not bounded but does not
+    saturate: on a black background a sigmoid settles near 0, where its slope is near 0, and a
+    small object's few pixels then pull on the layers below with that small slope.
+    """
+
+    def __init__(self, feat_dim, depth, mults=(2, 3, 4, 4), image_size=64, pool=0, kernel=5,
+                 output="sigmoid"):
         super().__init__()
+        assert 0 <= pool <= len(mults) and kernel % 2 == 1, (pool, kernel)
+        assert output in ("sigmoid", "linear"), output
+        self.output = output
         chans = [depth * m for m in mults][::-1]  # e.g. (4d, 4d, 3d, 2d) from 4×4 upwards
         self.start = (chans[0], image_size // 2 ** len(mults), image_size // 2 ** len(mults))
         self.inp = nn.Sequential(Linear(feat_dim, math.prod(self.start)),
@@ -327,13 +359,17 @@ class Decoder(nn.Module):
         outs = chans[1:] + [3]
         for i, (cin, cout) in enumerate(zip(chans, outs)):
             last = i == len(outs) - 1
-            conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
-            init_trunc_normal_(conv.weight, cin * 4)
-            nn.init.zeros_(conv.bias)
-            if last:
-                layers.append(conv)
+            if i >= len(outs) - pool:
+                conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+                init_trunc_normal_(conv.weight, cin * kernel ** 2)
+                layers += [Upsample(), conv]
             else:
-                layers += [conv, ChannelNorm(cout), nn.SiLU()]
+                conv = nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)
+                init_trunc_normal_(conv.weight, cin * 4)
+                layers.append(conv)
+            nn.init.zeros_(conv.bias)
+            if not last:
+                layers += [ChannelNorm(cout), nn.SiLU()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, feat):  # (..., feat) → (..., 64, 64, 3)
@@ -343,7 +379,8 @@ class Decoder(nn.Module):
         # the CPU convolutions run faster on them, ChannelNorm normalises a contiguous last axis,
         # and the (N, H, W, 3) output needs no copy.
         x = x.contiguous(memory_format=torch.channels_last)
-        x = torch.sigmoid(self.net(x).float())
+        x = self.net(x).float()
+        x = torch.sigmoid(x) if self.output == "sigmoid" else x + 0.5
         return x.permute(0, 2, 3, 1).reshape(*lead, *x.shape[2:], 3)
 
 
@@ -529,17 +566,19 @@ class Dreamer(nn.Module):
     def __init__(self, num_actions, deter=4096, hidden=512, stoch=32, classes=32, depth=32,
                  units=512, blocks=8, mlp_layers=3, head_layers=1, unimix=0.01, horizon=15,
                  discount=0.997, lam=0.95, free_nats=1.0, actent=3e-4, slow_rate=0.02,
-                 slowreg=1.0, image_size=64):
+                 slowreg=1.0, image_size=64, enc_pool=0, dec_pool=0, pool_kernel=5,
+                 image_output="sigmoid"):
         super().__init__()
         self.num_actions, self.horizon, self.discount, self.lam = num_actions, horizon, discount, lam
         self.free_nats, self.actent, self.slow_rate, self.slowreg = free_nats, actent, slow_rate, slowreg
         self.mix = unimix
         self.twohot = TwoHot()
-        self.encoder = Encoder(depth, image_size=image_size)
+        self.encoder = Encoder(depth, image_size=image_size, pool=enc_pool, kernel=pool_kernel)
         self.rssm = RSSM(num_actions, self.encoder.out_dim, deter, hidden, stoch, classes, blocks,
                          unimix)
         feat = self.rssm.feat_dim
-        self.decoder = Decoder(feat, depth, image_size=image_size)
+        self.decoder = Decoder(feat, depth, image_size=image_size, pool=dec_pool, kernel=pool_kernel,
+                               output=image_output)
         self.reward_head = MLP(feat, self.twohot.num_bins, units, head_layers, outscale=0.0)
         self.cont_head = MLP(feat, 1, units, head_layers)
         self.actor = MLP(feat, num_actions, units, mlp_layers, outscale=0.01)
@@ -828,10 +867,10 @@ class LaProp(torch.optim.Optimizer):
 def reconstruct(agent, obs, action, is_first, start=None):
     """The posterior of a replayed batch (obs (N, T, 64, 64, 3) uint8, action (N, T), is_first
     (N, T), start as in `Dreamer.world_model_loss`) and the decoder's frames of it: deter, stoch
-    and recon (N, T, 64, 64, 3) in [0, 1]."""
+    and recon (N, T, 64, 64, 3) in [0, 1] (a linear decoder's output clipped to it)."""
     state, prev_action = agent.window_start(action, start)
     deter, stoch, _, _ = agent.rssm.observe(agent.encoder(obs), prev_action, is_first, state)
-    return deter, stoch, agent.decoder(agent.rssm.feat(deter, stoch))
+    return deter, stoch, agent.decoder(agent.rssm.feat(deter, stoch)).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -850,4 +889,4 @@ def openloop(agent, obs, action, is_first, context=5, start=None):
     for t in range(context, obs.shape[1]):
         d, s, _ = agent.rssm.img_step(d, s, prev_action[:, t])
         feats.append(agent.rssm.feat(d, s))
-    return recon, agent.decoder(torch.stack(feats, 1))
+    return recon, agent.decoder(torch.stack(feats, 1)).clamp(0, 1)

@@ -75,6 +75,9 @@ class Config:
     lives: str = arg("unused", "Atari lives: unused (a lost life is neither terminal nor last, as in the official "
                                "code) or discount (a lost life is terminal for the continue and value targets; "
                                "the episode goes on until the game is over)")
+    image_output: str = arg("sigmoid", "the decoder's output layer: sigmoid (the official code's) or linear "
+                                       "(its first release's: the output + 0.5, which does not saturate "
+                                       "on a black background)")
     preset: str = arg("", "settings preset: atari100k, cpu (the tiny model and many small updates: some "
                           "Atari games learn within the hour on two CPU cores) or none "
                           "(the defaults); flags given explicitly win. Default: cpu when --device auto finds no "
@@ -161,6 +164,8 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
         raise ValueError(f"--sticky_actions must be in [0, 1], got {cfg.sticky_actions}")
+    if cfg.image_output not in ("sigmoid", "linear"):
+        raise ValueError(f"--image_output must be sigmoid or linear, got {cfg.image_output}")
     if cfg.lives not in ("unused", "discount"):
         raise ValueError(f"--lives must be unused or discount, got {cfg.lives}")
     if cfg.model_size not in SIZES:
@@ -702,7 +707,8 @@ def replay_latent(cfg):
 def build_agent(cfg, num_actions, device):
     """The agent of `cfg.model_size` and its optimizer (one LaProp, a parameter group per lr)."""
     agent = Dreamer(num_actions, discount=cfg.discount, lam=cfg.lam, actent=cfg.actor_entropy,
-                    horizon=cfg.imagination_horizon, **SIZES[cfg.model_size]).to(device)
+                    horizon=cfg.imagination_horizon, image_output=cfg.image_output,
+                    **SIZES[cfg.model_size]).to(device)
     opt = LaProp([dict(params=list(agent.world_model_parameters()), lr=cfg.lr),
                   dict(params=list(agent.actor.parameters()), lr=cfg.actor_lr),
                   dict(params=list(agent.critic.parameters()), lr=cfg.critic_lr)],

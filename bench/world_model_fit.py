@@ -9,8 +9,10 @@ env settings), and another 200 held out. The update: `train.train_step` with the
 losses only (reconstruction, reward, continue, dynamics and representation; no imagination,
 actor or critic), the CPU preset's optimizer settings, windows of `--batch_size` ×
 `--sequence_length` drawn uniformly, each starting from the zero state. `--depth`, `--deter`,
-`--hidden`, `--classes` and `--units` change the tiny model's widths, `--lr` the world model's
-learning rate, `--rep_scale` the representation loss's scale.
+`--hidden`, `--classes` and `--units` change the tiny model's widths, `--enc_pool`, `--dec_pool`
+and `--pool_kernel` its image stacks (stride-1 convolutions with max pooling and upsampling, as
+the official code's, in place of stride-2 ones), `--image_output` the decoder's output layer,
+`--lr` the world model's learning rate, `--rep_scale` the representation loss's scale.
 Prints one JSON line with the curve: updates, seconds, reconstruction loss (the mean of the
 last `--every` updates) and missed pixels per held-out frame.
 """
@@ -66,6 +68,13 @@ def main(argv=None):
                       ("hidden", "the RSSM's hidden width"), ("classes", "classes of each of the 32 latents"),
                       ("units", "the heads' width")]:
         p.add_argument(f"--{key}", type=int, default=train.SIZES["tiny"][key], help=f"{what} (the tiny model's)")
+    p.add_argument("--enc_pool", type=int, default=0,
+                   help="encoder layers (from the first) that convolve at stride 1 and max-pool (0: all stride 2)")
+    p.add_argument("--dec_pool", type=int, default=0,
+                   help="decoder layers (from the last) that upsample and convolve at stride 1 (0: all transposed)")
+    p.add_argument("--pool_kernel", type=int, default=5, help="the kernel of those layers (odd)")
+    p.add_argument("--image_output", default="sigmoid", choices=["sigmoid", "linear"],
+                   help="the decoder's output layer (train.py's --image_output)")
     p.add_argument("--lr", type=float, default=train.PRESETS["cpu"]["lr"], help="the world model's learning rate")
     p.add_argument("--rep_scale", type=float, default=Dreamer.loss_scales["rep"],
                    help="the representation loss's scale (a diagnostic: how much the KL keeps the ball out)")
@@ -76,6 +85,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     size = {key: getattr(args, key) for key in train.SIZES["tiny"]}
+    pooling = dict(enc_pool=args.enc_pool, dec_pool=args.dec_pool, pool_kernel=args.pool_kernel)
+    if not (0 <= args.enc_pool <= 4 and 0 <= args.dec_pool <= 4 and args.pool_kernel % 2 == 1):
+        p.error("--enc_pool and --dec_pool must be 0 to 4 (the image stacks' layers), --pool_kernel odd")
     if min(args.data_steps, args.every, args.batch_size, *size.values()) <= 0 or args.sequence_length < 2:
         p.error("--data_steps, --every, --batch_size and the widths must be positive, --sequence_length at least 2")
     blocks = inspect.signature(Dreamer).parameters["blocks"].default
@@ -85,7 +97,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     with common.quiet_stdout():
-        cfg = dataclasses.replace(train.Config(env=atari_id(args.game)), **{**train.PRESETS["cpu"], "lr": args.lr})
+        cfg = dataclasses.replace(train.Config(env=atari_id(args.game)), **{**train.PRESETS["cpu"], "lr": args.lr,
+                                                                            "image_output": args.image_output})
         try:
             env = make_env(cfg.env, cfg.sticky_actions)()
         except Exception as e:
@@ -93,7 +106,7 @@ def main(argv=None):
         data = play(env, args.data_steps, args.seed)
         held_out = play(env, HELD_OUT, args.seed + 1)
         env.close()
-        train.SIZES["fit"] = size
+        train.SIZES["fit"] = {**size, **pooling}
         agent, opt = train.build_agent(dataclasses.replace(cfg, model_size="fit"), int(env.action_space.n),
                                        torch.device("cpu"))
         agent.loss_scales = dict(agent.loss_scales, rep=args.rep_scale)
@@ -114,7 +127,8 @@ def main(argv=None):
                 rec = []
             if over:
                 break
-    common.emit(dict(game=args.game, data_steps=args.data_steps, held_out=HELD_OUT, **size, lr=args.lr,
+    common.emit(dict(game=args.game, data_steps=args.data_steps, held_out=HELD_OUT, **size, **pooling,
+                     image_output=args.image_output, lr=args.lr,
                      rep_scale=args.rep_scale, batch_size=args.batch_size, sequence_length=args.sequence_length,
                      threads=threads, threshold=args.threshold, curve=curve))
 

@@ -307,8 +307,10 @@ def test_reconstruction_counts_the_pixels_a_world_model_leaves_out(tmp_path):
 
 def test_world_model_fit_lowers_the_reconstruction_loss_and_checks_held_out_frames():
     r = run_bench("world_model_fit.py", "Breakout", "--data_steps", "60", "--max_updates", "6", "--every", "3",
-                  "--batch_size", "2", "--sequence_length", "8", "--depth", "4", "--deter", "16", "--rep_scale", "0")
+                  "--batch_size", "2", "--sequence_length", "8", "--depth", "4", "--deter", "16", "--rep_scale", "0",
+                  "--enc_pool", "1", "--dec_pool", "1", "--pool_kernel", "3", "--image_output", "linear")
     assert (r["game"], r["depth"], r["deter"], r["rep_scale"], r["held_out"]) == ("Breakout", 4, 16, 0.0, 200)
+    assert (r["enc_pool"], r["dec_pool"], r["pool_kernel"], r["image_output"]) == (1, 1, 3, "linear")
     assert r["threads"] == 1
     first, last = r["curve"]
     assert (first["updates"], last["updates"]) == (3, 6)

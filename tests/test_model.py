@@ -9,9 +9,13 @@ import torch.nn.functional as F
 import train
 from model import (
     AgentPolicy,
+    ChannelNorm,
+    Decoder,
+    Encoder,
     LaProp,
     Normalize,
     TwoHot,
+    Upsample,
     categorical_kl,
     lambda_return,
     openloop,
@@ -395,6 +399,69 @@ def test_full_loss_and_update_change_parameters_and_stay_finite():
                 "wm/prior_entropy", "wm/post_entropy", "opt/grad_norm_wm",
                 "opt/grad_norm_actor", "opt/grad_norm_critic"]:
         assert key in metrics
+
+
+def test_pooled_image_layers_keep_a_one_pixel_object_at_full_strength():
+    # Stride-1 convolution and 2x2 max pool (the official code's encoder): a white pixel on black
+    # reaches the pooled map unmixed. 1x1 kernel with weights w: the conv gives w.x at every
+    # position (x = +0.5 on the white pixel, -0.5 elsewhere), so the pooled cell holding the
+    # pixel is 0.5 * sum(w) and every other cell -0.5 * sum(w).
+    torch.manual_seed(0)
+    enc = Encoder(depth=1, pool=1, kernel=1)
+    conv, pool = enc.net[0], enc.net[1]
+    assert (conv.kernel_size, conv.stride, isinstance(pool, torch.nn.MaxPool2d)) == ((1, 1), (1, 1), True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.25, 0.25]]).reshape(2, 3, 1, 1))
+    frame = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    frame[0, 5, 7] = 255
+    x = frame.permute(0, 3, 1, 2).float() / 255 - 0.5
+    pooled = enc.net[:2](x)[0]
+    expected = torch.tensor([-3.0, -0.5]).reshape(2, 1, 1).expand(2, 32, 32).clone()
+    expected[:, 2, 3] = torch.tensor([3.0, 0.5])
+    assert torch.equal(pooled, expected)
+    # A 4x4 stride-2 layer (pool=0) sees the same pixel only through its kernel's weights.
+    assert isinstance(Encoder(depth=1).net[1], ChannelNorm)
+
+
+@pytest.mark.parametrize("pool", [0, 1, 4])
+def test_pooled_image_stacks_have_the_strided_shapes_and_train_every_layer(pool):
+    torch.manual_seed(0)
+    enc, dec = Encoder(depth=2, pool=pool, kernel=3), Decoder(40, depth=2, pool=pool, kernel=3)
+    assert enc.out_dim == Encoder(depth=2).out_dim == 8 * 4 * 4
+    frames = torch.randint(0, 256, (2, 3, 64, 64, 3), dtype=torch.uint8)
+    embed = enc(frames)
+    image = dec(torch.randn(2, 3, 40))
+    assert embed.shape == (2, 3, 128) and image.shape == (2, 3, 64, 64, 3)
+    assert 0 < image.min() and image.max() < 1
+    (embed.square().sum() + image.square().sum()).backward()
+    convs = [m for m in [*enc.net, *dec.net] if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert sum(m.stride == (1, 1) for m in convs) == 2 * pool
+    assert all(m.weight.grad.abs().sum() > 0 for m in convs)
+    ups = [i for i, m in enumerate(dec.net) if isinstance(m, Upsample)]
+    assert len(ups) == pool and all(isinstance(dec.net[i + 1], torch.nn.Conv2d) for i in ups)
+
+
+def test_linear_decoder_output_does_not_saturate_where_the_sigmoid_does():
+    # The last layer's weights zero and its bias b: every pixel's output is sigmoid(b) or b + 0.5.
+    # The gradient of one pixel's (output - 0.5)^2 on b: 2 (p - 0.5) p (1 - p) through a sigmoid,
+    # 2 (p - 0.5) through the linear output. At b = -6 (a black background's settled output):
+    # sigmoid 2 (0.00247 - 0.5) * 0.00247 * 0.99753 = -0.00245; linear 2 (-5.5 - 0.5) = -12.
+    grads = {}
+    for output in ("sigmoid", "linear"):
+        dec = Decoder(16, depth=1, output=output)
+        last = dec.net[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(-6.0)
+        image = dec(torch.randn(1, 16))
+        p = torch.sigmoid(torch.tensor(-6.0)) if output == "sigmoid" else torch.tensor(-5.5)
+        assert torch.allclose(image, p.expand_as(image))
+        (image[0, 10, 20, 1] - 0.5).square().backward()
+        grads[output] = last.bias.grad
+    p = torch.sigmoid(torch.tensor(-6.0))
+    assert torch.allclose(grads["sigmoid"], torch.tensor([0.0, 2 * (p - 0.5) * p * (1 - p), 0.0]))
+    assert torch.equal(grads["linear"], torch.tensor([0.0, -12.0, 0.0]))
+    assert abs(grads["sigmoid"][1] + 0.00245) < 1e-5
 
 
 def test_openloop_sees_the_context_frames_and_the_actions_but_not_the_later_frames():

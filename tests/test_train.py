@@ -134,6 +134,7 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("lives", "reset", "--lives must be unused or discount, got reset"),
+    ("image_output", "tanh", "--image_output must be sigmoid or linear, got tanh"),
     ("actor_entropy", -1e-3, "--actor_entropy must be >= 0, got -0.001"),
 ])
 def test_bad_lives_and_actor_entropy_are_clear_errors(flag, value, message):
