@@ -29,7 +29,7 @@ import common
 import train
 from env import make_env
 from evaluate import atari_id
-from model import Dreamer
+from model import Dreamer, Encoder
 from reconstruction import pixel_errors, play
 
 HELD_OUT = 200
@@ -86,8 +86,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     size = {key: getattr(args, key) for key in train.SIZES["tiny"]}
     pooling = dict(enc_pool=args.enc_pool, dec_pool=args.dec_pool, pool_kernel=args.pool_kernel)
-    if not (0 <= args.enc_pool <= 4 and 0 <= args.dec_pool <= 4 and args.pool_kernel % 2 == 1):
-        p.error("--enc_pool and --dec_pool must be 0 to 4 (the image stacks' layers), --pool_kernel odd")
+    layers = len(inspect.signature(Encoder).parameters["mults"].default)
+    if not (0 <= args.enc_pool <= layers and 0 <= args.dec_pool <= layers and args.pool_kernel % 2 == 1):
+        p.error(f"--enc_pool and --dec_pool must be 0 to {layers} (the image stacks' layers), --pool_kernel odd")
     if min(args.data_steps, args.every, args.batch_size, *size.values()) <= 0 or args.sequence_length < 2:
         p.error("--data_steps, --every, --batch_size and the widths must be positive, --sequence_length at least 2")
     blocks = inspect.signature(Dreamer).parameters["blocks"].default
