@@ -334,6 +334,9 @@ class Upsample(nn.Module):
         return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+IMAGE_OUTPUTS = ("sigmoid", "linear")  # the decoder's output layers (train.py's --image_output)
+
+
 class Decoder(nn.Module):
     """Model state → 64×64×3 image, mirroring the encoder: 4×4 stride-2 transposed convolutions,
     or, for the last `pool` layers, a 2× nearest-neighbour upsampling and a stride-1
@@ -349,7 +352,7 @@ class Decoder(nn.Module):
                  output="sigmoid"):
         super().__init__()
         assert 0 <= pool <= len(mults) and kernel % 2 == 1, (pool, kernel)
-        assert output in ("sigmoid", "linear"), output
+        assert output in IMAGE_OUTPUTS, output
         self.output = output
         chans = [depth * m for m in mults][::-1]  # e.g. (4d, 4d, 3d, 2d) from 4×4 upwards
         self.start = (chans[0], image_size // 2 ** len(mults), image_size // 2 ** len(mults))

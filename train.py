@@ -26,7 +26,7 @@ import distributed
 import replay
 from env import Collector, check_env, make_env, make_vector_env
 from evaluate import describe, evaluate, summary, write_report
-from model import AgentPolicy, Dreamer, LaProp, openloop
+from model import IMAGE_OUTPUTS, AgentPolicy, Dreamer, LaProp, openloop
 from replay import CHUNK_STEPS, Loader, Replay, ReplayStore
 from run_state import RunState, convert_checkpoint, load_checkpoint, load_weights, replay_dir, replay_records
 from utils import Logger, keep_freed_memory, lock_run_dir, panels, warn, write_image, write_media, write_video
@@ -164,8 +164,8 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.sticky_actions <= 1:
         raise ValueError(f"--sticky_actions must be in [0, 1], got {cfg.sticky_actions}")
-    if cfg.image_output not in ("sigmoid", "linear"):
-        raise ValueError(f"--image_output must be sigmoid or linear, got {cfg.image_output}")
+    if cfg.image_output not in IMAGE_OUTPUTS:
+        raise ValueError(f"--image_output must be {' or '.join(IMAGE_OUTPUTS)}, got {cfg.image_output}")
     if cfg.lives not in ("unused", "discount"):
         raise ValueError(f"--lives must be unused or discount, got {cfg.lives}")
     if cfg.model_size not in SIZES:

@@ -29,7 +29,7 @@ import common
 import train
 from env import make_env
 from evaluate import atari_id
-from model import Dreamer, Encoder
+from model import IMAGE_OUTPUTS, Dreamer, Encoder
 from reconstruction import pixel_errors, play
 
 HELD_OUT = 200
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--dec_pool", type=int, default=0,
                    help="decoder layers (from the last) that upsample and convolve at stride 1 (0: all transposed)")
     p.add_argument("--pool_kernel", type=int, default=5, help="the kernel of those layers (odd)")
-    p.add_argument("--image_output", default="sigmoid", choices=["sigmoid", "linear"],
+    p.add_argument("--image_output", default="sigmoid", choices=IMAGE_OUTPUTS,
                    help="the decoder's output layer (train.py's --image_output)")
     p.add_argument("--lr", type=float, default=train.PRESETS["cpu"]["lr"], help="the world model's learning rate")
     p.add_argument("--rep_scale", type=float, default=Dreamer.loss_scales["rep"],
