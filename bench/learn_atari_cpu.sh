@@ -5,8 +5,8 @@
 #   BUDGET_S=600 bash bench/learn_atari_cpu.sh Pong     # any ALE/<Game>-v5 game
 #
 # Trains `ALE/<GAME>-v5` with train.py's CPU preset (--preset cpu: the tiny model, 4 envs, batch
-# 8 × 16 steps, train ratio 64, the learning rates of the CPU learning tests, a lost life terminal:
-# many small updates per CPU-second). Stops at the budget (train.py --max_time: the checkpoint is written), then plays
+# 8 × 16 steps, train ratio 64, the learning rates of the CPU learning tests, a lost life terminal,
+# the entropy scale 1e-3: many small updates per CPU-second). Stops at the budget (train.py --max_time: the checkpoint is written), then plays
 # the random policy for as many episodes as it compares (EPISODES, default 20) and prints one
 # JSON line: the mean return of the last EPISODES training episodes next to the random level, and
 # whether it is above it by more than two standard errors. <run_dir>/return_curve.png draws the

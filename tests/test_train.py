@@ -280,8 +280,8 @@ def test_atari100k_preset_keeps_explicit_flags():
 def test_without_a_gpu_a_new_run_uses_the_cpu_preset_and_says_so(capsys):
     cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--num_envs", "8"])
     train.apply_presets(cfg, given)
-    assert (cfg.preset, cfg.model_size, cfg.batch_size, cfg.sequence_length, cfg.train_ratio, cfg.lives) == \
-        ("cpu", "tiny", 8, 16, 64.0, "discount")
+    assert (cfg.preset, cfg.model_size, cfg.batch_size, cfg.sequence_length, cfg.train_ratio, cfg.lives,
+            cfg.actor_entropy) == ("cpu", "tiny", 8, 16, 64.0, "discount", 1e-3)
     assert cfg.num_envs == 8  # given explicitly
     note = capsys.readouterr().err
     assert note.count("\n") == 1 and "--preset cpu" in note and "--preset none" in note
@@ -289,7 +289,10 @@ def test_without_a_gpu_a_new_run_uses_the_cpu_preset_and_says_so(capsys):
         cfg, given = train.parse_args(["--env", "ALE/Pong-v5", *argv])
         train.apply_presets(cfg, given)
         assert cfg.preset != "cpu" and cfg.batch_size == 16 and cfg.lives == "unused", argv
+        assert cfg.actor_entropy == 3e-4, argv
     assert capsys.readouterr().err == ""
+    cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "cpu", "--actor_entropy", "3e-4"])
+    assert train.apply_presets(cfg, given).actor_entropy == 3e-4  # given explicitly
     cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "atari100k"])
     assert train.apply_presets(cfg, given).atari100k and cfg.num_envs == 1
     cfg, given = train.parse_args(["--env", "ALE/Pong-v5", "--preset", "gpu"])
@@ -305,12 +308,15 @@ def test_without_a_gpu_a_new_run_uses_the_cpu_preset_and_says_so(capsys):
 def test_a_resumed_run_keeps_the_preset_it_was_saved_with(tmp_path):
     cfg = train.apply_presets(train.Config(env="tests.catch:Catch-v0", preset="cpu", run_dir=str(tmp_path),
                                            wandb_mode="disabled", video_interval=0, image_interval=0, capacity=4000))
-    trainer = train.Trainer(cfg, train.prepare(cfg))
+    prepared = train.prepare(cfg)
+    cfg.actor_entropy = 3e-4  # as a run saved before the preset's entropy scale became 1e-3
+    trainer = train.Trainer(cfg, prepared)
     trainer.save()
     trainer.close()
     cfg2, given = train.parse_args(["--resume", str(tmp_path / "checkpoint.pt")])
     train.prepare(cfg2, given)
     assert (cfg2.preset, cfg2.model_size, cfg2.batch_size, cfg2.lr) == ("cpu", "tiny", 8, 1e-3)
+    assert cfg2.actor_entropy == 3e-4  # the saved value, not the preset's
 
 
 def bad_path_cases(tmp_path):
