@@ -219,7 +219,7 @@ PRESETS = {
     # learning tests and a short warm-up. A lost life is terminal (--lives discount): within the
     # hour it took RoadRunner past its run-left plateau; games without lives are unchanged. The
     # entropy scale is 1e-3 (the official 3e-4 lets the tiny actor's entropy collapse early: within
-    # the hour RoadRunner and KungFuMaster scored higher at 1e-3, Boxing as high).
+    # the hour RoadRunner and KungFuMaster scored higher at 1e-3, Boxing no lower).
     "cpu": dict(model_size="tiny", num_envs=4, batch_size=8, sequence_length=16, train_ratio=64.0,
                 lr=1e-3, actor_lr=3e-4, critic_lr=1e-3, warmup=100, learning_starts=1000,
                 log_interval=2000, checkpoint_interval=20_000, lives="discount", actor_entropy=1e-3),
